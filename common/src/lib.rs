@@ -1,0 +1,9 @@
+//! What every Instapod process shares.
+//!
+//! Today that is the configuration loader ([`config`]) and the logging set-up ([`telemetry`]),
+//! used by each binary. As the scheduler and node agent gain behaviour, the types that cross a
+//! process boundary (job payloads, agent reports, the pod spec and its states) live here too, so
+//! both sides of a queue or an HTTP call compile against one definition.
+
+pub mod config;
+pub mod telemetry;

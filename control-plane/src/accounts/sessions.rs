@@ -1,0 +1,94 @@
+//! Sessions: one row per issued token (bearer or cookie, the same token), looked up by hash on
+//! every authenticated request. Revocation deletes the row, so it takes effect at once on every
+//! replica; nothing about a session lives in process memory.
+
+use std::net::IpAddr;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::accounts::tokens::{self, TokenKind};
+use crate::db::{self, DbError, Pool};
+use crate::http::auth::CredentialSource;
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct AuthContext {
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+    /// The active team: the one chosen with `/api/teams/switch` while the caller is still a
+    /// member of it, else the personal team.
+    pub team_id: Uuid,
+    pub source: CredentialSource,
+}
+
+/// A new session's token, shown once.
+#[derive(Debug)]
+pub struct IssuedSession {
+    pub token: String,
+    pub expires_at: OffsetDateTime,
+}
+
+/// Issues a fresh token for `user_id` (login always does; a token is never reused).
+pub async fn create(
+    client: &impl deadpool_postgres::GenericClient,
+    user_id: Uuid,
+    ttl_hours: u32,
+    client_ip: Option<IpAddr>,
+) -> Result<IssuedSession, DbError> {
+    let token = tokens::generate(TokenKind::Session);
+    let expires_at = OffsetDateTime::now_utc() + time::Duration::hours(i64::from(ttl_hours));
+    client
+        .execute(
+            "INSERT INTO sessions (user_id, token_hash, expires_at, client_ip) VALUES ($1, $2, $3, $4)",
+            &[&user_id, &token.hash, &expires_at, &client_ip.map(|ip| ip.to_string())],
+        )
+        .await?;
+    Ok(IssuedSession { token: token.plain, expires_at })
+}
+
+/// The caller a token belongs to, if it is a live session.
+pub async fn authenticate(pool: &Pool, token: &str) -> Result<Option<AuthContext>, DbError> {
+    if !tokens::looks_like(TokenKind::Session, token) {
+        return Ok(None);
+    }
+    let client = db::connect(pool).await?;
+    let statement = client
+        .prepare_cached(
+            "SELECT s.id, s.user_id,
+                    COALESCE((SELECT m.team_id FROM team_members m
+                              WHERE m.team_id = s.active_team_id AND m.user_id = s.user_id),
+                             u.personal_team_id)
+             FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.token_hash = $1 AND s.expires_at > now()",
+        )
+        .await?;
+    let row = client.query_opt(&statement, &[&tokens::hash(token)]).await?;
+    Ok(row.map(|row| AuthContext {
+        session_id: row.get(0),
+        user_id: row.get(1),
+        team_id: row.get(2),
+        source: CredentialSource::Bearer,
+    }))
+}
+
+/// Ends one session (logout).
+pub async fn revoke(pool: &Pool, session_id: Uuid) -> Result<(), DbError> {
+    let client = db::connect(pool).await?;
+    client.execute("DELETE FROM sessions WHERE id = $1", &[&session_id]).await?;
+    Ok(())
+}
+
+/// Ends every session of a user (password reset).
+pub async fn revoke_all(client: &impl deadpool_postgres::GenericClient, user_id: Uuid) -> Result<u64, DbError> {
+    Ok(client.execute("DELETE FROM sessions WHERE user_id = $1", &[&user_id]).await?)
+}
+
+/// Makes `team_id` the active team of a session.
+pub async fn set_active_team(pool: &Pool, session_id: Uuid, team_id: Uuid) -> Result<(), DbError> {
+    let client = db::connect(pool).await?;
+    client
+        .execute("UPDATE sessions SET active_team_id = $2 WHERE id = $1", &[&session_id, &team_id])
+        .await?;
+    Ok(())
+}

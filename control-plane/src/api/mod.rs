@@ -1,0 +1,8 @@
+//! The public API's handlers, one file per area of the spec. Each handler parses, authorises,
+//! calls one domain operation and maps its result; request and response types live beside it.
+
+pub mod auth;
+pub mod catalog;
+pub mod platform;
+pub mod responses;
+pub mod teams;

@@ -1,0 +1,82 @@
+//! The route table: every path of the spec that is implemented, the hoops around them, and the
+//! OpenAPI document built from the same routes.
+
+use salvo::affix_state;
+use salvo::catcher::Catcher;
+use salvo::oapi::swagger_ui::SwaggerUi;
+use salvo::oapi::{OpenApi, SecurityScheme};
+use salvo::oapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme};
+use salvo::prelude::*;
+
+use crate::api;
+use crate::http::state::AppState;
+use crate::http::{auth, metrics};
+
+/// The API routes (documented in OpenAPI).
+fn api_router() -> Router {
+    let public = Router::new()
+        .push(Router::with_path("auth/register").post(api::auth::register))
+        .push(Router::with_path("auth/login").post(api::auth::login))
+        .push(Router::with_path("auth/forgot-password").post(api::auth::forgot_password))
+        .push(Router::with_path("auth/reset-password").post(api::auth::reset_password))
+        .push(Router::with_path("auth/verify-email").post(api::auth::verify_email))
+        .push(Router::with_path("plans").get(api::catalog::plans))
+        .push(Router::with_path("presets").get(api::catalog::presets))
+        .push(Router::with_path("regions").get(api::catalog::regions))
+        .push(Router::with_path("runtimes").get(api::catalog::runtimes));
+    let authenticated = Router::new()
+        .hoop(auth::require_auth)
+        .push(Router::with_path("auth/logout").post(api::auth::logout))
+        .push(Router::with_path("auth/user").get(api::auth::current_user))
+        .push(Router::with_path("teams").get(api::teams::list).post(api::teams::create))
+        .push(Router::with_path("teams/switch").post(api::teams::switch))
+        .push(
+            Router::with_path("teams/{id}")
+                .get(api::teams::get)
+                .put(api::teams::update)
+                .delete(api::teams::delete),
+        )
+        .push(
+            Router::with_path("teams/{id}/members")
+                .get(api::teams::members)
+                .post(api::teams::add_member),
+        )
+        .push(Router::with_path("teams/{id}/members/{uid}").delete(api::teams::remove_member));
+    Router::with_path("api").push(public).push(authenticated)
+}
+
+fn platform_router() -> Router {
+    Router::new()
+        .push(Router::with_path("healthz").get(api::platform::healthz))
+        .push(Router::with_path("readyz").get(api::platform::readyz))
+        .push(Router::with_path("metrics").get(api::platform::metrics))
+}
+
+/// The OpenAPI document for the API routes.
+pub fn openapi() -> OpenApi {
+    let api = api_router();
+    let platform = platform_router();
+    OpenApi::new("Instapod API", env!("CARGO_PKG_VERSION"))
+        .add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)))
+        .add_security_scheme(
+            "session_cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(auth::SESSION_COOKIE))),
+        )
+        .merge_router(&api)
+        .merge_router(&platform)
+}
+
+/// The whole service: routes, state, metrics, the same-origin rule and JSON error bodies.
+pub fn service(state: AppState) -> Service {
+    let doc = openapi();
+    let router = Router::new()
+        .push(api_router())
+        .push(platform_router())
+        .push(doc.into_router("/api/openapi.json"))
+        .push(SwaggerUi::new("/api/openapi.json").into_router("/api/docs"));
+    Service::new(router)
+        .hoop(metrics::record)
+        .hoop(affix_state::inject(state))
+        .hoop(auth::same_origin)
+        .catcher(Catcher::new(api::platform::json_errors))
+}

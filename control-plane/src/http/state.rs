@@ -1,0 +1,23 @@
+//! What every handler can reach, injected with `affix_state` and read with [`app`].
+
+use std::sync::Arc;
+
+use salvo::Depot;
+
+use crate::config::Config;
+use crate::db::Pool;
+use crate::ratelimit::RateLimiter;
+
+/// The control plane's shared state; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Pool,
+    pub rate_limiter: RateLimiter,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// The state, which the router always injects.
+pub fn app(depot: &Depot) -> &AppState {
+    depot.get_typed::<AppState>().expect("AppState is injected by the router")
+}
