@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod mail;
+pub mod maintenance;
 pub mod migrate;
 pub mod ratelimit;
 pub mod teams;
@@ -76,6 +77,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mail_worker = mail::worker::MailWorker::new(db.clone(), config.mail.clone())?;
     let mail_task = tokio::spawn(mail_worker.run(shutdown_rx.clone()));
+    let maintenance_task = tokio::spawn(maintenance::run(db.clone(), shutdown_rx.clone()));
     let upkeep_task = tokio::spawn(metrics_upkeep(metrics, shutdown_rx));
 
     let acceptor = TcpListener::new(config.listen).try_bind().await
@@ -90,7 +92,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
     server.serve(http::router::service(state)).await;
     let _sent = shutdown_tx.send(true);
-    let _finished = tokio::join!(mail_task, upkeep_task);
+    let _finished = tokio::join!(mail_task, maintenance_task, upkeep_task);
     Ok(())
 }
 

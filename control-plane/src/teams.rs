@@ -237,6 +237,8 @@ pub async fn update(
 pub async fn delete(pool: &Pool, user_id: Uuid, team_id: Uuid) -> Result<(), TeamError> {
     let mut client = db::connect(pool).await?;
     let transaction = client.transaction().await?;
+    // Lock the team row first: a concurrent membership change or pod creation waits for us.
+    lock_team(&transaction, team_id).await?;
     let team = get(&transaction, user_id, team_id).await?;
     if team.role != Role::Owner {
         return Err(TeamError::Forbidden("only owners can delete a team"));
@@ -244,8 +246,6 @@ pub async fn delete(pool: &Pool, user_id: Uuid, team_id: Uuid) -> Result<(), Tea
     if team.personal {
         return Err(TeamError::PersonalTeam);
     }
-    // Lock the team row so a pod created concurrently waits for the outcome.
-    transaction.execute("SELECT 1 FROM teams WHERE id = $1 FOR UPDATE", &[&team_id]).await?;
     let n_pods: i64 = transaction
         .query_one("SELECT count(*) FROM pods WHERE team_id = $1", &[&team_id])
         .await?
@@ -302,6 +302,9 @@ pub async fn add_member(
 ) -> Result<(AddOutcome, MemberRow), TeamError> {
     let mut client = db::connect(pool).await?;
     let transaction = client.transaction().await?;
+    // Serialise membership changes of one team (the caller's own role included), so role
+    // checks and the last-owner rule hold under concurrency.
+    lock_team(&transaction, team_id).await?;
     let team = get(&transaction, caller_id, team_id).await?;
     if !team.role.manages_members() {
         return Err(TeamError::Forbidden("only owners and admins can manage members"));
@@ -309,8 +312,6 @@ pub async fn add_member(
     if role == Role::Owner && team.role != Role::Owner {
         return Err(TeamError::Forbidden("only owners can grant the owner role"));
     }
-    // Serialise membership changes of one team, so the last-owner rule holds under concurrency.
-    transaction.execute("SELECT 1 FROM teams WHERE id = $1 FOR UPDATE", &[&team_id]).await?;
     let user = transaction
         .query_opt("SELECT id FROM users WHERE email = $1", &[&email])
         .await?
@@ -360,6 +361,13 @@ pub async fn add_member(
     Ok((outcome, member_from_row(&member)))
 }
 
+/// Takes the team's row lock for the rest of the transaction (a no-op for unknown ids, which
+/// the membership lookup that follows turns into 404).
+async fn lock_team(client: &impl GenericClient, team_id: Uuid) -> Result<(), TeamError> {
+    client.execute("SELECT 1 FROM teams WHERE id = $1 FOR UPDATE", &[&team_id]).await?;
+    Ok(())
+}
+
 async fn count_owners(client: &impl GenericClient, team_id: Uuid) -> Result<i64, TeamError> {
     Ok(client
         .query_one("SELECT count(*) FROM team_members WHERE team_id = $1 AND role = 'owner'", &[&team_id])
@@ -371,8 +379,8 @@ async fn count_owners(client: &impl GenericClient, team_id: Uuid) -> Result<i64,
 pub async fn remove_member(pool: &Pool, caller_id: Uuid, team_id: Uuid, target_id: Uuid) -> Result<(), TeamError> {
     let mut client = db::connect(pool).await?;
     let transaction = client.transaction().await?;
+    lock_team(&transaction, team_id).await?;
     let team = get(&transaction, caller_id, team_id).await?;
-    transaction.execute("SELECT 1 FROM teams WHERE id = $1 FOR UPDATE", &[&team_id]).await?;
     let target_role = transaction
         .query_opt("SELECT role FROM team_members WHERE team_id = $1 AND user_id = $2", &[&team_id, &target_id])
         .await?

@@ -3,7 +3,8 @@
 //! *Design.* The binary is looked up next to the test executable (tests live in
 //! `target/<profile>/deps/`, binaries in `target/<profile>/`), or taken from
 //! `INSTAPOD_CONTROL_PLANE_BIN`. `cargo test` does not build another package's binaries, so a
-//! missing one is a panic telling to run `cargo build --workspace` first. Each control plane gets
+//! missing one, or one older than the sources of `control-plane/`, `common/` or `migrations/`,
+//! is a panic telling to run `cargo build --workspace` first. Each control plane gets
 //! a fresh database (unless told to use an existing one), its own Redis logical database, a free
 //! port, and a log file that is printed when start-up fails or a test panics while it runs.
 //! Every inherited `INSTAPOD_*` variable is removed before the harness sets its own.
@@ -12,9 +13,9 @@
 //! day): it would otherwise "deliver" each mail to the log and clear its body, and the outbox
 //! rows are where tests read verification and reset codes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::client::Client;
 use crate::postgres::PostgresServer;
@@ -129,7 +130,49 @@ fn control_plane_binary() -> PathBuf {
             binary.display()
         );
     }
+    assert_not_stale(&binary);
     binary
+}
+
+/// The newest modification time of the files under `path` (recursively) that cargo rebuilds
+/// the binary for: Rust sources, manifests and SQL migrations. Other files (a README) would
+/// not trigger a rebuild, so they must not make the binary look stale.
+fn newest_mtime(path: &Path) -> Option<SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        let name = path.file_name()?.to_string_lossy();
+        let counts = name.ends_with(".rs") || name.ends_with(".sql") || name == "Cargo.toml";
+        return if counts { meta.modified().ok() } else { None };
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| newest_mtime(&entry.path()))
+        .max()
+}
+
+/// Panics when a source the binary is built from is newer than the binary: tests would
+/// otherwise pass or fail against old code without saying so.
+fn assert_not_stale(binary: &Path) {
+    let Ok(built) = std::fs::metadata(binary).and_then(|meta| meta.modified()) else {
+        return;
+    };
+    let Some(root) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() else {
+        return;
+    };
+    for source in ["control-plane", "common", "migrations"] {
+        let dir = root.join(source);
+        let Some(newest) = newest_mtime(&dir) else {
+            continue;
+        };
+        if newest > built {
+            panic!(
+                "{} is older than the sources in {}: run `cargo build --workspace` first",
+                binary.display(),
+                dir.display()
+            );
+        }
+    }
 }
 
 /// A spawned but not yet ready control plane.
@@ -181,7 +224,9 @@ async fn spawn(options: &ControlPlaneOptions) -> Spawned {
         .env("INSTAPOD_DATABASE_URL", &database_url)
         .env("INSTAPOD_REDIS_URL", &redis_url)
         .env("INSTAPOD_LOG_FORMAT", "text")
-        .env("RUST_BACKTRACE", "1");
+        .env("RUST_BACKTRACE", "1")
+        // The log goes to a file that is printed on failure: no colour escapes.
+        .env("NO_COLOR", "1");
     if options.trusted_proxies {
         command.env("INSTAPOD_TRUSTED_PROXIES", r#"["127.0.0.1"]"#);
     }

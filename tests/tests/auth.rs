@@ -278,14 +278,33 @@ async fn request_bodies_must_be_small_well_formed_json() {
             .await
             .assert_error(413, "payload_too_large");
     }
-    // Nothing was created by any of these.
+    // An empty body is not JSON; a charset parameter on the content type is fine.
+    cp.client()
+        .post("/api/auth/register")
+        .raw_body("application/json", "")
+        .send()
+        .await
+        .assert_error(400, "invalid_json");
+    let charset_email = unique_email("charset");
+    let body = json!({"email": charset_email, "password": "long enough", "name": "C"});
+    let created = cp
+        .client()
+        .post("/api/auth/register")
+        .raw_body("application/json; charset=utf-8", body.to_string())
+        .send()
+        .await;
+    created.assert_status(201);
+    // Nothing else was created by any of these.
     let db = cp.db().await;
-    let users: i64 = db
-        .query_one("SELECT count(*) FROM users", &[])
+    let others: i64 = db
+        .query_one(
+            "SELECT count(*) FROM users WHERE email <> $1",
+            &[&charset_email],
+        )
         .await
         .expect("count users")
         .get(0);
-    assert_eq!(users, 0);
+    assert_eq!(others, 0);
 }
 
 #[tokio::test]
@@ -618,4 +637,72 @@ async fn an_expired_reset_code_is_refused() {
         .await
         .assert_error(400, "invalid_token");
     login(&cp, &registration.email, &registration.password).await;
+}
+
+#[tokio::test]
+async fn codes_expire_after_the_documented_lifetimes() {
+    let cp = ControlPlane::start_default().await;
+    let registration = register_user(&cp, "lifetime").await;
+    cp.client()
+        .post_json(
+            "/api/auth/forgot-password",
+            &json!({"email": registration.email}),
+        )
+        .await
+        .assert_status(202);
+    cp.latest_token(&registration.email, MailKind::ResetPassword)
+        .await;
+    let db = cp.db().await;
+    // Lifetimes in minutes: verify codes 48 hours, reset codes 1 hour.
+    for (purpose, minutes) in [("verify_email", 48 * 60), ("reset_password", 60)] {
+        let row = db
+            .query_one(
+                "SELECT (extract(epoch FROM expires_at - created_at) / 60)::float8 \
+                 FROM one_time_codes WHERE user_id = $1::text::uuid AND purpose = $2",
+                &[&registration.user_id, &purpose],
+            )
+            .await
+            .unwrap_or_else(|err| panic!("one {purpose} code: {err}"));
+        let lifetime: f64 = row.get(0);
+        assert!(
+            (lifetime - f64::from(minutes)).abs() <= 1.0,
+            "{purpose} codes live {lifetime} minutes, expected {minutes}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_registrations_of_one_email_create_one_account() {
+    let cp = ControlPlane::start_default().await;
+    let email = unique_email("race");
+    let upper = email.to_uppercase();
+    let padded = format!(" {email} ");
+    let (a, b, c, d) = tokio::join!(
+        register(&cp, &email, "password-a", "A"),
+        register(&cp, &email, "password-b", "B"),
+        register(&cp, &upper, "password-c", "C"),
+        register(&cp, &padded, "password-d", "D"),
+    );
+    let mut created = 0;
+    for response in [&a, &b, &c, &d] {
+        if response.status == 201 {
+            created += 1;
+        } else {
+            response.assert_error(409, "email_taken");
+        }
+    }
+    assert_eq!(created, 1, "exactly one registration wins");
+    let db = cp.db().await;
+    let accounts: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE email = $1", &[&email])
+        .await
+        .expect("count users")
+        .get(0);
+    assert_eq!(accounts, 1);
+    let personal_teams: i64 = db
+        .query_one("SELECT count(*) FROM teams WHERE personal", &[])
+        .await
+        .expect("count teams")
+        .get(0);
+    assert_eq!(personal_teams, 1, "losers leave no personal team behind");
 }

@@ -253,3 +253,26 @@ async fn redis_down_fails_closed() {
     assert_eq!(body["postgres"], "ok", "{body}");
     assert_ne!(body["redis"], "ok", "{body}");
 }
+
+#[tokio::test]
+async fn prepended_forwarded_for_entries_do_not_open_a_new_bucket() {
+    // Behind a trusted proxy the proxy appends the real client address; whatever the client
+    // put before it is not believed.
+    let cp = ControlPlane::start_default().await;
+    let registration = register_user(&cp, "prepend").await;
+    let real_ip = random_client_ip();
+    let via_proxy = || {
+        cp.client()
+            .with_client_ip(Some(&format!("{}, {real_ip}", random_client_ip())))
+    };
+    for _ in 0..5 {
+        attempt_login(&via_proxy(), &registration.email, "wrong password")
+            .await
+            .assert_error(401, "invalid_credentials");
+    }
+    assert_rate_limited(
+        &attempt_login(&via_proxy(), &registration.email, &registration.password).await,
+    );
+    let direct = cp.client().with_client_ip(Some(&real_ip));
+    assert_rate_limited(&attempt_login(&direct, &registration.email, &registration.password).await);
+}

@@ -324,13 +324,20 @@ async fn cookie_changes_from_a_foreign_origin_are_refused() {
     let https = cp.url().replace("http://", "https://");
     for origin in [other_port.as_str(), https.as_str()] {
         let slug = unique_slug("alike");
-        client
+        let response = client
             .post("/api/teams")
             .header("Origin", origin)
             .json(&json!({"name": "Alike", "slug": slug}))
             .send()
-            .await
-            .assert_error(403, "cross_origin_request");
+            .await;
+        assert_eq!(
+            response.status,
+            403,
+            "Origin {origin} is not {}: {}",
+            cp.url(),
+            response.text()
+        );
+        response.assert_error(403, "cross_origin_request");
         assert!(!team_exists(&cp, &slug).await, "origin {origin}");
     }
 

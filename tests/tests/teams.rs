@@ -817,3 +817,104 @@ async fn team_endpoints_require_authentication() {
         .await
         .assert_error(401, "unauthorized");
 }
+
+#[tokio::test]
+async fn team_request_bodies_follow_the_json_rules() {
+    let cp = ControlPlane::start_default().await;
+    let user = register_and_login(&cp).await;
+    let client = user.client();
+    client
+        .post("/api/teams")
+        .raw_body("text/plain", r#"{"name": "Plain"}"#)
+        .send()
+        .await
+        .assert_error(415, "unsupported_media_type");
+    client
+        .post("/api/teams")
+        .raw_body("application/json", "{\"name\": ")
+        .send()
+        .await
+        .assert_error(400, "invalid_json");
+    let huge = json!({"name": "n".repeat(100 * 1024)}).to_string();
+    client
+        .post("/api/teams")
+        .raw_body("application/json", huge)
+        .send()
+        .await
+        .assert_error(413, "payload_too_large");
+    client
+        .put(&format!("/api/teams/{}", user.personal_team_id))
+        .raw_body("text/plain", r#"{"name": "Plain"}"#)
+        .send()
+        .await
+        .assert_error(415, "unsupported_media_type");
+    assert_eq!(list_teams(&user).await.len(), 1, "nothing was created");
+}
+
+#[tokio::test]
+async fn concurrent_creations_of_one_slug_create_one_team() {
+    let cp = ControlPlane::start_default().await;
+    let alice = register_and_login_as(&cp, "alice", false).await;
+    let bob = register_and_login_as(&cp, "bob", false).await;
+    let slug = unique_slug("race");
+    let body = json!({"name": "Race", "slug": slug});
+    let (alice_client, bob_client) = (alice.client(), bob.client());
+    let (a1, a2, b1, b2) = tokio::join!(
+        alice_client.post_json("/api/teams", &body),
+        alice_client.post_json("/api/teams", &body),
+        bob_client.post_json("/api/teams", &body),
+        bob_client.post_json("/api/teams", &body),
+    );
+    let mut created = 0;
+    for response in [&a1, &a2, &b1, &b2] {
+        if response.status == 201 {
+            created += 1;
+        } else {
+            response.assert_error(409, "slug_taken");
+        }
+    }
+    assert_eq!(created, 1, "exactly one team gets the slug");
+}
+
+#[tokio::test]
+async fn two_owners_leaving_at_once_leave_one_owner() {
+    let cp = ControlPlane::start_default().await;
+    let first = register_and_login_as(&cp, "first", false).await;
+    let second = register_and_login_as(&cp, "second", false).await;
+    for round in 0..5 {
+        let team = create_team(&first, &format!("Race {round}")).await;
+        let team_id = string_field(&team, "/id");
+        add_member(&first, &team_id, &second.email, Some("owner"))
+            .await
+            .assert_status(201);
+        let first_leaves = format!("/api/teams/{team_id}/members/{}", first.user_id);
+        let second_leaves = format!("/api/teams/{team_id}/members/{}", second.user_id);
+        let (first_client, second_client) = (first.client(), second.client());
+        let (a, b) = tokio::join!(
+            first_client.delete_response(&first_leaves),
+            second_client.delete_response(&second_leaves),
+        );
+        let statuses = [a.status, b.status];
+        assert!(
+            statuses.contains(&204) && statuses.contains(&409),
+            "round {round}: one leaves, the other is the last owner; got {statuses:?} ({}, {})",
+            a.text(),
+            b.text()
+        );
+        for response in [&a, &b] {
+            if response.status == 409 {
+                response.assert_error(409, "last_owner");
+            }
+        }
+        let db = cp.db().await;
+        let owners: i64 = db
+            .query_one(
+                "SELECT count(*) FROM team_members WHERE team_id = $1::text::uuid AND role = 'owner'",
+                &[&team_id],
+            )
+            .await
+            .expect("count owners")
+            .get(0);
+        assert_eq!(owners, 1, "round {round}");
+    }
+}

@@ -64,15 +64,15 @@ fn is_our_origin(req: &Request, public_url: &str, origin: &str) -> bool {
     if origin_of(public_url).is_some_and(|ours| ours == origin) {
         return true;
     }
+    // The same host reached under another name (localhost vs 127.0.0.1): the origin must be
+    // the request's `Host` under the scheme we are served with.
+    let scheme = public_url.split_once("://").map_or("http", |(scheme, _)| scheme).to_ascii_lowercase();
     let host = req
         .headers()
         .get("host")
         .and_then(|h| h.to_str().ok())
         .map(str::to_ascii_lowercase);
-    match (origin.split_once("://"), host) {
-        (Some((_, authority)), Some(host)) => authority == host,
-        _ => false,
-    }
+    host.is_some_and(|host| origin == format!("{scheme}://{host}"))
 }
 
 fn cross_origin() -> ApiError {
