@@ -19,10 +19,7 @@ use toml::{Table, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
     Invalid { problems: Vec<String> },
 }
@@ -56,10 +53,7 @@ pub fn load_from<T: DeserializeOwned>(
         }
         None => Table::new(),
     };
-    let mut overrides: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(key, _)| key.starts_with(env_prefix))
-        .collect();
+    let mut overrides: Vec<(String, String)> = env.into_iter().filter(|(key, _)| key.starts_with(env_prefix)).collect();
     overrides.sort();
     for (key, raw) in overrides {
         let dotted = key[env_prefix.len()..].to_ascii_lowercase();
@@ -101,9 +95,7 @@ fn insert(table: &mut Table, path: &[&str], value: Value) -> Result<(), String> 
         let entry = current
             .entry(part.to_string())
             .or_insert_with(|| Value::Table(Table::new()));
-        current = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("`{part}` is not a table"))?;
+        current = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a table"))?;
     }
     current.insert(last.to_string(), value);
     Ok(())

@@ -93,7 +93,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
-            problems.push(format!("public_url {:?} must start with http:// or https://", self.public_url));
+            problems.push(format!(
+                "public_url {:?} must start with http:// or https://",
+                self.public_url
+            ));
         }
         if self.public_url.ends_with('/') {
             problems.push(format!("public_url {:?} must not end with /", self.public_url));

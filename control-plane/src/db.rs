@@ -50,10 +50,16 @@ pub fn create_pool(config: &Config) -> anyhow::Result<Pool> {
     let timeout = Some(Duration::from_secs(config.database_timeout_secs));
     let mut pg = deadpool_postgres::Config::new();
     pg.url = Some(config.database_url.expose().to_string());
-    pg.manager = Some(ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    pg.manager = Some(ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    });
     pg.pool = Some(PoolConfig {
         max_size: config.database_pool_size,
-        timeouts: Timeouts { wait: timeout, create: timeout, recycle: timeout },
+        timeouts: Timeouts {
+            wait: timeout,
+            create: timeout,
+            recycle: timeout,
+        },
         ..PoolConfig::default()
     });
     Ok(pg.create_pool(Some(Runtime::Tokio1), NoTls)?)

@@ -33,7 +33,12 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), retry_after: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -42,7 +47,11 @@ impl ApiError {
         Self::bad_request("validation_failed", message)
     }
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "authentication required: send a bearer token or the session cookie")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "authentication required: send a bearer token or the session cookie",
+        )
     }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
@@ -66,7 +75,10 @@ impl ApiError {
             res.headers_mut().insert("retry-after", value);
         }
         res.render(Json(ErrorBody {
-            error: ErrorDetail { code: self.code.to_string(), message: self.message.clone() },
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+            },
         }));
     }
 }
@@ -101,8 +113,7 @@ impl EndpointOutRegister for ApiError {
         ] {
             operation.responses.insert(
                 status,
-                oapi::Response::new(description)
-                    .add_content("application/json", oapi::Content::new(schema.clone())),
+                oapi::Response::new(description).add_content("application/json", oapi::Content::new(schema.clone())),
             );
         }
     }
@@ -112,7 +123,11 @@ impl From<DbError> for ApiError {
     fn from(err: DbError) -> Self {
         if err.is_unavailable() {
             tracing::warn!(error = %err, "database unavailable");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable, try again shortly")
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable, try again shortly",
+            )
         } else {
             tracing::error!(error = %err, "database error");
             ApiError::internal()
@@ -178,9 +193,11 @@ impl From<crate::accounts::users::LoginError> for ApiError {
     fn from(err: crate::accounts::users::LoginError) -> Self {
         use crate::accounts::users::LoginError;
         match err {
-            LoginError::InvalidCredentials => {
-                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "invalid email or password")
-            }
+            LoginError::InvalidCredentials => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "invalid email or password",
+            ),
             LoginError::Password(err) => err.into(),
             LoginError::Db(err) => err.into(),
         }

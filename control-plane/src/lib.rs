@@ -38,14 +38,20 @@ pub async fn migrate(config: &Config) -> anyhow::Result<usize> {
 
 /// Creates (or reuses) a verified account and prints nothing; returns the JSON line the
 /// `bootstrap-user` command prints.
-pub async fn bootstrap_user(config: &Config, email: &str, password: &str, name: &str) -> anyhow::Result<serde_json::Value> {
+pub async fn bootstrap_user(
+    config: &Config,
+    email: &str,
+    password: &str,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
     let email = accounts::validate::email(email).map_err(anyhow::Error::msg)?;
     accounts::validate::password(password).map_err(anyhow::Error::msg)?;
     let name = accounts::validate::display_name("name", name).map_err(anyhow::Error::msg)?;
     let pool = db::create_pool(config)?;
-    let (user, session) = accounts::users::bootstrap(&pool, &email, password.to_string(), &name, config.session_ttl_hours)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    let (user, session) =
+        accounts::users::bootstrap(&pool, &email, password.to_string(), &name, config.session_ttl_hours)
+            .await
+            .map_err(|err| anyhow::anyhow!("{err}"))?;
     Ok(serde_json::json!({
         "user_id": user.id,
         "email": user.email,
@@ -72,7 +78,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = db::create_pool(&config)?;
     let rate_limiter = ratelimit::RateLimiter::new(&config)?;
     let config = Arc::new(config);
-    let state = AppState { config: config.clone(), db: db.clone(), rate_limiter, metrics: metrics.clone() };
+    let state = AppState {
+        config: config.clone(),
+        db: db.clone(),
+        rate_limiter,
+        metrics: metrics.clone(),
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mail_worker = mail::worker::MailWorker::new(db.clone(), config.mail.clone())?;
@@ -80,7 +91,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let maintenance_task = tokio::spawn(maintenance::run(db.clone(), shutdown_rx.clone()));
     let upkeep_task = tokio::spawn(metrics_upkeep(metrics, shutdown_rx));
 
-    let acceptor = TcpListener::new(config.listen).try_bind().await
+    let acceptor = TcpListener::new(config.listen)
+        .try_bind()
+        .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, public_url = %config.public_url, "control plane listening");
     let server = Server::new(acceptor);

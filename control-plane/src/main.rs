@@ -20,7 +20,10 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { command: "serve".to_string(), ..Args::default() };
+    let mut args = Args {
+        command: "serve".to_string(),
+        ..Args::default()
+    };
     let mut iter = std::env::args().skip(1);
     while let Some(arg) = iter.next() {
         let mut value = |flag: &str| iter.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
@@ -56,7 +59,10 @@ fn main() -> ExitCode {
         }
     };
     if let Err(problems) = config.validate() {
-        eprintln!("instapod-control-plane: invalid configuration:\n  - {}", problems.join("\n  - "));
+        eprintln!(
+            "instapod-control-plane: invalid configuration:\n  - {}",
+            problems.join("\n  - ")
+        );
         return ExitCode::from(2);
     }
     instapod_common::telemetry::init(config.log_format, &config.log_filter);

@@ -29,7 +29,9 @@ pub async fn run(pool: Pool, mut shutdown: watch::Receiver<bool>) {
 /// One pass; returns the number of rows deleted.
 pub async fn sweep(pool: &Pool) -> Result<u64, DbError> {
     let client = db::connect(pool).await?;
-    let sessions = client.execute("DELETE FROM sessions WHERE expires_at <= now()", &[]).await?;
+    let sessions = client
+        .execute("DELETE FROM sessions WHERE expires_at <= now()", &[])
+        .await?;
     let codes = client
         .execute(
             "DELETE FROM one_time_codes WHERE expires_at <= now() OR used_at < now() - interval '7 days'",
@@ -37,7 +39,10 @@ pub async fn sweep(pool: &Pool) -> Result<u64, DbError> {
         )
         .await?;
     let mail = client
-        .execute("DELETE FROM mail_outbox WHERE sent_at < now() - interval '30 days'", &[])
+        .execute(
+            "DELETE FROM mail_outbox WHERE sent_at < now() - interval '30 days'",
+            &[],
+        )
         .await?;
     Ok(sessions + codes + mail)
 }

@@ -20,16 +20,27 @@ pub struct Migration {
 pub const MIGRATIONS: &[Migration] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
 /// A fixed key for `pg_advisory_xact_lock`, shared by every replica.
-const LOCK_KEY: i64 = 0x1_05_7A_90D;
+const LOCK_KEY: i64 = 0x1057_A90D;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("migration {name} was edited after it was applied (recorded checksum {recorded}, file has {actual}); add a new migration instead")]
-    Edited { name: String, recorded: String, actual: String },
-    #[error("the database has migration {version} ({name}) that this binary does not know; is it older than the database?")]
+    #[error(
+        "migration {name} was edited after it was applied (recorded checksum {recorded}, file has {actual}); add a new migration instead"
+    )]
+    Edited {
+        name: String,
+        recorded: String,
+        actual: String,
+    },
+    #[error(
+        "the database has migration {version} ({name}) that this binary does not know; is it older than the database?"
+    )]
     Unknown { version: i64, name: String },
     #[error("migration {name} failed: {source}")]
-    Failed { name: String, source: tokio_postgres::Error },
+    Failed {
+        name: String,
+        source: tokio_postgres::Error,
+    },
     #[error("migration bookkeeping failed: {0}")]
     Database(#[from] tokio_postgres::Error),
 }
@@ -57,10 +68,7 @@ pub async fn run_migrations(
     Ok(applied)
 }
 
-async fn apply_pending(
-    client: &mut tokio_postgres::Client,
-    migrations: &[Migration],
-) -> Result<usize, MigrateError> {
+async fn apply_pending(client: &mut tokio_postgres::Client, migrations: &[Migration]) -> Result<usize, MigrateError> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -72,7 +80,10 @@ async fn apply_pending(
         )
         .await?;
     let rows = client
-        .query("SELECT version, name, checksum FROM schema_migrations ORDER BY version", &[])
+        .query(
+            "SELECT version, name, checksum FROM schema_migrations ORDER BY version",
+            &[],
+        )
         .await?;
     let mut recorded_versions = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -84,7 +95,11 @@ async fn apply_pending(
         };
         let actual = checksum(migration.sql);
         if actual != recorded {
-            return Err(MigrateError::Edited { name: migration.name.to_string(), recorded, actual });
+            return Err(MigrateError::Edited {
+                name: migration.name.to_string(),
+                recorded,
+                actual,
+            });
         }
         recorded_versions.push(version);
     }
@@ -97,7 +112,10 @@ async fn apply_pending(
         transaction
             .batch_execute(migration.sql)
             .await
-            .map_err(|source| MigrateError::Failed { name: migration.name.to_string(), source })?;
+            .map_err(|source| MigrateError::Failed {
+                name: migration.name.to_string(),
+                source,
+            })?;
         transaction
             .execute(
                 "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
@@ -119,7 +137,12 @@ mod tests {
     fn embedded_migrations_are_ordered_and_unique() {
         assert!(!MIGRATIONS.is_empty());
         for pair in MIGRATIONS.windows(2) {
-            assert!(pair[0].version < pair[1].version, "{} before {}", pair[0].name, pair[1].name);
+            assert!(
+                pair[0].version < pair[1].version,
+                "{} before {}",
+                pair[0].name,
+                pair[1].name
+            );
         }
     }
 }

@@ -25,10 +25,26 @@ pub struct Rule {
     pub window: Duration,
 }
 
-pub const LOGIN: Rule = Rule { name: "login", max_requests: 5, window: Duration::from_secs(60) };
-pub const REGISTER: Rule = Rule { name: "register", max_requests: 3, window: Duration::from_secs(60) };
-pub const FORGOT_PASSWORD: Rule = Rule { name: "forgot_password", max_requests: 3, window: Duration::from_secs(60) };
-pub const CREATE_POD: Rule = Rule { name: "create_pod", max_requests: 50, window: Duration::from_secs(3600) };
+pub const LOGIN: Rule = Rule {
+    name: "login",
+    max_requests: 5,
+    window: Duration::from_secs(60),
+};
+pub const REGISTER: Rule = Rule {
+    name: "register",
+    max_requests: 3,
+    window: Duration::from_secs(60),
+};
+pub const FORGOT_PASSWORD: Rule = Rule {
+    name: "forgot_password",
+    max_requests: 3,
+    window: Duration::from_secs(60),
+};
+pub const CREATE_POD: Rule = Rule {
+    name: "create_pod",
+    max_requests: 50,
+    window: Duration::from_secs(3600),
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {
@@ -68,7 +84,9 @@ pub struct RateLimiter {
 
 impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimiter").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("RateLimiter")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,7 +102,11 @@ impl RateLimiter {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
-        Ok(RateLimiter { connection, script: std::sync::Arc::new(redis::Script::new(SCRIPT)), timeout })
+        Ok(RateLimiter {
+            connection,
+            script: std::sync::Arc::new(redis::Script::new(SCRIPT)),
+            timeout,
+        })
     }
 
     /// Counts one request of `ip` against `rule`.
@@ -104,7 +126,9 @@ impl RateLimiter {
         if wait_ms == 0 {
             Ok(())
         } else {
-            Err(RateLimitError::Limited { retry_after_secs: wait_ms.div_ceil(1000) })
+            Err(RateLimitError::Limited {
+                retry_after_secs: wait_ms.div_ceil(1000),
+            })
         }
     }
 

@@ -5,8 +5,8 @@
 //! `member` (read, leave). Only owners grant or change roles and delete the team. A team keeps
 //! at least one owner, and a user's personal team can be neither deleted nor left.
 
-use time::OffsetDateTime;
 use deadpool_postgres::GenericClient;
+use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
@@ -139,7 +139,11 @@ async fn insert_team_with_slug(
 }
 
 /// Inserts a team whose slug is derived from its name, with a random suffix when taken.
-pub async fn insert_team_auto_slug(client: &impl GenericClient, name: &str, personal: bool) -> Result<TeamRow, DbError> {
+pub async fn insert_team_auto_slug(
+    client: &impl GenericClient,
+    name: &str,
+    personal: bool,
+) -> Result<TeamRow, DbError> {
     let base = validate::slug_from(name);
     if let Some(team) = insert_team_with_slug(client, name, &base, personal).await? {
         return Ok(team);
@@ -164,10 +168,16 @@ pub async fn create(pool: &Pool, user_id: Uuid, name: &str, slug: Option<&str>) 
         None => insert_team_auto_slug(&transaction, name, false).await?,
     };
     transaction
-        .execute("INSERT INTO team_members (team_id, user_id, role) VALUES ($1, $2, 'owner')", &[&team.id, &user_id])
+        .execute(
+            "INSERT INTO team_members (team_id, user_id, role) VALUES ($1, $2, 'owner')",
+            &[&team.id, &user_id],
+        )
         .await?;
     transaction.commit().await?;
-    Ok(TeamRow { member_count: 1, ..team })
+    Ok(TeamRow {
+        member_count: 1,
+        ..team
+    })
 }
 
 /// The teams `user_id` belongs to, personal team first.
@@ -253,7 +263,10 @@ pub async fn delete(pool: &Pool, user_id: Uuid, team_id: Uuid) -> Result<(), Tea
     if n_pods > 0 {
         return Err(TeamError::HasResources(n_pods));
     }
-    match transaction.execute("DELETE FROM teams WHERE id = $1", &[&team_id]).await {
+    match transaction
+        .execute("DELETE FROM teams WHERE id = $1", &[&team_id])
+        .await
+    {
         Ok(_) => {}
         Err(err) if err.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => return Err(TeamError::HasResources(1)),
         Err(err) => return Err(err.into()),
@@ -318,7 +331,10 @@ pub async fn add_member(
         .ok_or_else(|| TeamError::UserNotFound(email.to_string()))?;
     let target_id: Uuid = user.get(0);
     let existing = transaction
-        .query_opt("SELECT role FROM team_members WHERE team_id = $1 AND user_id = $2", &[&team_id, &target_id])
+        .query_opt(
+            "SELECT role FROM team_members WHERE team_id = $1 AND user_id = $2",
+            &[&team_id, &target_id],
+        )
         .await?;
     let outcome = match existing {
         None => {
@@ -364,13 +380,18 @@ pub async fn add_member(
 /// Takes the team's row lock for the rest of the transaction (a no-op for unknown ids, which
 /// the membership lookup that follows turns into 404).
 async fn lock_team(client: &impl GenericClient, team_id: Uuid) -> Result<(), TeamError> {
-    client.execute("SELECT 1 FROM teams WHERE id = $1 FOR UPDATE", &[&team_id]).await?;
+    client
+        .execute("SELECT 1 FROM teams WHERE id = $1 FOR UPDATE", &[&team_id])
+        .await?;
     Ok(())
 }
 
 async fn count_owners(client: &impl GenericClient, team_id: Uuid) -> Result<i64, TeamError> {
     Ok(client
-        .query_one("SELECT count(*) FROM team_members WHERE team_id = $1 AND role = 'owner'", &[&team_id])
+        .query_one(
+            "SELECT count(*) FROM team_members WHERE team_id = $1 AND role = 'owner'",
+            &[&team_id],
+        )
         .await?
         .get(0))
 }
@@ -382,7 +403,10 @@ pub async fn remove_member(pool: &Pool, caller_id: Uuid, team_id: Uuid, target_i
     lock_team(&transaction, team_id).await?;
     let team = get(&transaction, caller_id, team_id).await?;
     let target_role = transaction
-        .query_opt("SELECT role FROM team_members WHERE team_id = $1 AND user_id = $2", &[&team_id, &target_id])
+        .query_opt(
+            "SELECT role FROM team_members WHERE team_id = $1 AND user_id = $2",
+            &[&team_id, &target_id],
+        )
         .await?
         .map(|row| Role::parse(row.get(0)))
         .ok_or(TeamError::MemberNotFound(target_id))?;
@@ -395,7 +419,10 @@ pub async fn remove_member(pool: &Pool, caller_id: Uuid, team_id: Uuid, target_i
         }
     }
     let is_personal_owner: bool = transaction
-        .query_one("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND personal_team_id = $2)", &[&target_id, &team_id])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND personal_team_id = $2)",
+            &[&target_id, &team_id],
+        )
         .await?
         .get(0);
     if is_personal_owner {
@@ -405,7 +432,10 @@ pub async fn remove_member(pool: &Pool, caller_id: Uuid, team_id: Uuid, target_i
         return Err(TeamError::LastOwner);
     }
     transaction
-        .execute("DELETE FROM team_members WHERE team_id = $1 AND user_id = $2", &[&team_id, &target_id])
+        .execute(
+            "DELETE FROM team_members WHERE team_id = $1 AND user_id = $2",
+            &[&team_id, &target_id],
+        )
         .await?;
     transaction.commit().await?;
     Ok(())

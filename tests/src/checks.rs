@@ -18,11 +18,8 @@ pub fn assert_uuid(value: &Value, what: &str) -> String {
 /// Whether `text` is an RFC 3339 date-time in UTC (`Z` or `+00:00`).
 pub fn is_rfc3339_utc(text: &str) -> bool {
     let bytes = text.as_bytes();
-    let digits = |range: std::ops::Range<usize>| {
-        bytes
-            .get(range)
-            .is_some_and(|part| part.iter().all(u8::is_ascii_digit))
-    };
+    let digits =
+        |range: std::ops::Range<usize>| bytes.get(range).is_some_and(|part| part.iter().all(u8::is_ascii_digit));
     let shape = bytes.len() >= 20
         && digits(0..4)
         && bytes[4] == b'-'
@@ -94,9 +91,7 @@ impl SetCookie {
 
     /// Whether the attribute `name` (case-insensitive) is present.
     pub fn has(&self, name: &str) -> bool {
-        self.attributes
-            .iter()
-            .any(|(key, _)| key.eq_ignore_ascii_case(name))
+        self.attributes.iter().any(|(key, _)| key.eq_ignore_ascii_case(name))
     }
 
     /// The value of attribute `name` (case-insensitive), if present.
@@ -127,10 +122,7 @@ fn http_date_days(date: &str) -> Option<i64> {
     const MONTHS: [&str; 12] = [
         "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
     ];
-    let parts: Vec<&str> = date
-        .split([' ', '-', ','])
-        .filter(|p| !p.is_empty())
-        .collect();
+    let parts: Vec<&str> = date.split([' ', '-', ',']).filter(|p| !p.is_empty()).collect();
     let day: i64 = parts.get(1)?.parse().ok()?;
     let month_name = parts.get(2)?.to_ascii_lowercase();
     let month = MONTHS.iter().position(|m| *m == month_name)? as i64 + 1;
@@ -182,16 +174,14 @@ mod tests {
 
     #[test]
     fn set_cookie_parsing() {
-        let cookie =
-            SetCookie::parse("instapod_session=ipd_x; HttpOnly; SameSite=Lax; Path=/; Max-Age=0");
+        let cookie = SetCookie::parse("instapod_session=ipd_x; HttpOnly; SameSite=Lax; Path=/; Max-Age=0");
         assert_eq!(cookie.name, "instapod_session");
         assert_eq!(cookie.value, "ipd_x");
         assert!(cookie.has("httponly"));
         assert_eq!(cookie.get("samesite"), Some("Lax"));
         assert!(!cookie.has("domain"));
         assert!(cookie.removes_cookie());
-        let expired =
-            SetCookie::parse("instapod_session=; Path=/; Expires=Thu, 01 Jan 1970 00:00:00 GMT");
+        let expired = SetCookie::parse("instapod_session=; Path=/; Expires=Thu, 01 Jan 1970 00:00:00 GMT");
         assert!(expired.removes_cookie());
         let live = SetCookie::parse("instapod_session=a; Expires=Fri, 27 Dec 2999 00:00:00 GMT");
         assert!(!live.removes_cookie());

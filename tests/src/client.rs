@@ -33,9 +33,7 @@ fn build_http(jar: Option<Arc<Jar>>) -> reqwest::Client {
     if let Some(jar) = jar {
         builder = builder.cookie_provider(jar);
     }
-    builder
-        .build()
-        .expect("a reqwest client without TLS always builds")
+    builder.build().expect("a reqwest client without TLS always builds")
 }
 
 impl Client {
@@ -110,10 +108,7 @@ impl Client {
     /// Puts a cookie into the jar as if the server had set it (`name=value`). Panics for a
     /// client without a jar.
     pub fn plant_cookie(&self, cookie: &str) {
-        let jar = self
-            .jar
-            .as_ref()
-            .expect("plant_cookie needs with_cookie_jar");
+        let jar = self.jar.as_ref().expect("plant_cookie needs with_cookie_jar");
         jar.add_cookie_str(&format!("{cookie}; Path=/"), &self.url("/"));
     }
 
@@ -204,10 +199,7 @@ impl Request {
     /// A raw body with the given content type.
     pub fn raw_body(self, content_type: &str, body: impl Into<Vec<u8>>) -> Request {
         Request {
-            builder: self
-                .builder
-                .header("Content-Type", content_type)
-                .body(body.into()),
+            builder: self.builder.header("Content-Type", content_type).body(body.into()),
             ..self
         }
     }

@@ -135,13 +135,17 @@ fn control_plane_binary() -> PathBuf {
 }
 
 /// The newest modification time of the files under `path` (recursively) that cargo rebuilds
-/// the binary for: Rust sources, manifests and SQL migrations. Other files (a README) would
-/// not trigger a rebuild, so they must not make the binary look stale.
+/// the binary for: Rust sources, manifests, SQL migrations and the web pages embedded with
+/// `include_str!` (`.html`, `.css`, `.js`). Other files (a README) would not trigger a
+/// rebuild, so they must not make the binary look stale.
 fn newest_mtime(path: &Path) -> Option<SystemTime> {
     let meta = std::fs::metadata(path).ok()?;
     if meta.is_file() {
         let name = path.file_name()?.to_string_lossy();
-        let counts = name.ends_with(".rs") || name.ends_with(".sql") || name == "Cargo.toml";
+        let counts = [".rs", ".sql", ".html", ".css", ".js"]
+            .iter()
+            .any(|ext| name.ends_with(ext))
+            || name == "Cargo.toml";
         return if counts { meta.modified().ok() } else { None };
     }
     std::fs::read_dir(path)

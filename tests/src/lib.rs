@@ -16,6 +16,7 @@
 //! could take the port in between; the window is short and start-up failures print the
 //! process's log.
 
+pub mod browser;
 pub mod checks;
 pub mod client;
 pub mod control_plane;
@@ -28,6 +29,7 @@ pub mod redis;
 pub mod smtp;
 pub mod users;
 
+pub use browser::{Browser, StaticPage};
 pub use client::{Client, Response};
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use eventually::eventually;
@@ -36,6 +38,5 @@ pub use postgres::PostgresServer;
 pub use redis::RedisServer;
 pub use smtp::SmtpSink;
 pub use users::{
-    Registration, TestUser, login, register_and_login, register_and_login_as, register_user,
-    string_field, verify_email,
+    Registration, TestUser, login, register_and_login, register_and_login_as, register_user, string_field, verify_email,
 };

@@ -116,12 +116,7 @@ impl ControlPlane {
     }
 
     fn token_in(&self, body: &str, kind: MailKind) -> String {
-        let link = format!(
-            "{}{}?token={}",
-            self.url(),
-            kind.link_path(),
-            kind.token_prefix()
-        );
+        let link = format!("{}{}?token={}", self.url(), kind.link_path(), kind.token_prefix());
         assert!(
             body.contains(&link),
             "the {} mail does not link to {link}...; body:\n{body}",
@@ -139,10 +134,7 @@ mod tests {
     #[test]
     fn extracts_tokens_from_links() {
         let body = "Hello,\n\nhttp://127.0.0.1:1/verify-email?token=ipv_abc-DEF_123\n\nBye";
-        assert_eq!(
-            extract_token(body, "ipv_").as_deref(),
-            Some("ipv_abc-DEF_123")
-        );
+        assert_eq!(extract_token(body, "ipv_").as_deref(), Some("ipv_abc-DEF_123"));
         assert_eq!(extract_token(body, "ipr_"), None);
         assert_eq!(extract_token("token=ipv_", "ipv_"), None);
         assert_eq!(

@@ -34,10 +34,7 @@ pub fn shared() -> &'static PostgresServer {
 /// The directory holding `initdb` and `postgres`: `PATH` first, then the newest
 /// `/usr/lib/postgresql/<version>/bin`.
 fn postgres_bin_dir() -> PathBuf {
-    if let (Some(initdb), Some(_)) = (
-        process::find_in_path("initdb"),
-        process::find_in_path("postgres"),
-    ) {
+    if let (Some(initdb), Some(_)) = (process::find_in_path("initdb"), process::find_in_path("postgres")) {
         let initdb = fs::canonicalize(&initdb).unwrap_or(initdb);
         if let Some(dir) = initdb.parent()
             && process::is_executable(&dir.join("postgres"))
@@ -52,9 +49,8 @@ fn postgres_bin_dir() -> PathBuf {
         .filter_map(|entry| {
             let version = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
             let bin = entry.path().join("bin");
-            (process::is_executable(&bin.join("initdb"))
-                && process::is_executable(&bin.join("postgres")))
-            .then_some((version, bin))
+            (process::is_executable(&bin.join("initdb")) && process::is_executable(&bin.join("postgres")))
+                .then_some((version, bin))
         })
         .collect();
     candidates.sort();
@@ -91,9 +87,7 @@ fn postgres_user() -> (u32, u32) {
 fn running_as_root() -> bool {
     // The owner of /proc/self is the effective uid; this avoids `libc::geteuid` (unsafe).
     use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self")
-        .map(|meta| meta.uid() == 0)
-        .unwrap_or(false)
+    fs::metadata("/proc/self").map(|meta| meta.uid() == 0).unwrap_or(false)
 }
 
 /// Makes `command` run as the `postgres` user when the harness is root.
@@ -135,10 +129,7 @@ impl PostgresServer {
             .status()
             .unwrap_or_else(|err| panic!("cannot run {}: {err}", bin.join("initdb").display()));
         if !status.success() {
-            panic!(
-                "initdb failed ({status}):\n{}",
-                process::log_tail(&init_log, 50)
-            );
+            panic!("initdb failed ({status}):\n{}", process::log_tail(&init_log, 50));
         }
 
         // A port taken in the meantime is the likeliest failure; try a few.
@@ -162,9 +153,9 @@ impl PostgresServer {
                 .stdout(stdout)
                 .stderr(stderr);
             as_postgres_user(&mut postgres, &dir);
-            let mut child = postgres.spawn().unwrap_or_else(|err| {
-                panic!("cannot start {}: {err}", bin.join("postgres").display())
-            });
+            let mut child = postgres
+                .spawn()
+                .unwrap_or_else(|err| panic!("cannot start {}: {err}", bin.join("postgres").display()));
             process::register_child(&child, StopSignal::Quit);
             match wait_ready(&data_dir, &mut child, Duration::from_secs(60)) {
                 Ok(()) => {

@@ -65,11 +65,9 @@ fn harness() -> &'static Harness {
             std::process::id(),
             crate::ids::random_suffix()
         ));
-        fs::create_dir_all(&root)
-            .unwrap_or_else(|err| panic!("cannot create {}: {err}", root.display()));
-        let bash = find_in_path("bash").unwrap_or_else(|| {
-            panic!("the test harness needs `bash` in PATH for its cleanup watchdog")
-        });
+        fs::create_dir_all(&root).unwrap_or_else(|err| panic!("cannot create {}: {err}", root.display()));
+        let bash = find_in_path("bash")
+            .unwrap_or_else(|| panic!("the test harness needs `bash` in PATH for its cleanup watchdog"));
         let mut watchdog = Command::new(bash)
             .arg("-c")
             .arg(WATCHDOG_SCRIPT)
@@ -114,14 +112,21 @@ pub enum StopSignal {
 
 /// Registers a child with the watchdog so it is stopped when the test binary exits.
 pub fn register_child(child: &Child, signal: StopSignal) {
+    register_pid(child.id(), signal);
+}
+
+/// Registers any process (e.g. a grandchild such as the Chromium that chromedriver starts)
+/// with the watchdog so it is stopped when the test binary exits.
+pub fn register_pid(pid: u32, signal: StopSignal) {
     let name = match signal {
         StopSignal::Quit => "QUIT",
         StopSignal::Kill => "KILL",
     };
-    tell_watchdog(&format!("add {} {name}", child.id()));
+    tell_watchdog(&format!("add {pid} {name}"));
 }
 
-/// Tells the watchdog that a child has been reaped and must not be signalled any more.
+/// Tells the watchdog that a child has been reaped (or a registered process has exited) and
+/// must not be signalled any more.
 pub fn unregister_child(pid: u32) {
     tell_watchdog(&format!("del {pid} -"));
 }
@@ -136,9 +141,7 @@ pub fn kill_and_reap(child: &mut Child) {
 
 /// A fresh directory under the test binary's temporary root, removed when the binary exits.
 pub fn temp_dir(label: &str) -> PathBuf {
-    let dir = harness()
-        .root
-        .join(format!("{label}-{}", crate::ids::random_suffix()));
+    let dir = harness().root.join(format!("{label}-{}", crate::ids::random_suffix()));
     fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
     dir
 }
@@ -146,10 +149,7 @@ pub fn temp_dir(label: &str) -> PathBuf {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 never fails");
-    listener
-        .local_addr()
-        .expect("a bound listener has an address")
-        .port()
+    listener.local_addr().expect("a bound listener has an address").port()
 }
 
 /// The first executable called `name` in `PATH`.
@@ -182,8 +182,7 @@ pub fn log_tail(path: &Path, max_lines: usize) -> String {
 
 /// Opens `path` for a child's stdout and stderr (both into one file).
 pub fn log_file_stdio(path: &Path) -> (Stdio, Stdio) {
-    let file = fs::File::create(path)
-        .unwrap_or_else(|err| panic!("cannot create log file {}: {err}", path.display()));
+    let file = fs::File::create(path).unwrap_or_else(|err| panic!("cannot create log file {}: {err}", path.display()));
     let clone = file
         .try_clone()
         .unwrap_or_else(|err| panic!("cannot duplicate log file {}: {err}", path.display()));

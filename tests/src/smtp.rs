@@ -56,10 +56,7 @@ impl SmtpSink {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding 127.0.0.1:0 never fails");
-        let port = listener
-            .local_addr()
-            .expect("a bound listener has an address")
-            .port();
+        let port = listener.local_addr().expect("a bound listener has an address").port();
         let messages = Arc::new(Mutex::new(Vec::new()));
         let store = messages.clone();
         let task = tokio::spawn(async move {
@@ -71,11 +68,7 @@ impl SmtpSink {
                 });
             }
         });
-        SmtpSink {
-            port,
-            messages,
-            task,
-        }
+        SmtpSink { port, messages, task }
     }
 
     /// `smtp://127.0.0.1:<port>`.
@@ -85,10 +78,7 @@ impl SmtpSink {
 
     /// Every message received so far.
     pub fn messages(&self) -> Vec<SmtpMessage> {
-        self.messages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.messages.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits for a message with `to` among its recipients.
@@ -97,12 +87,7 @@ impl SmtpSink {
             self.messages()
                 .into_iter()
                 .find(|message| message.rcpt_to.iter().any(|rcpt| rcpt == to))
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{} message(s) received, none to {to}",
-                        self.messages().len()
-                    )
-                })
+                .ok_or_else(|| anyhow!("{} message(s) received, none to {to}", self.messages().len()))
         })
         .await
     }
@@ -129,9 +114,7 @@ fn address_of(argument: &str) -> String {
 async fn serve(stream: TcpStream, store: Arc<Mutex<Vec<SmtpMessage>>>) -> std::io::Result<()> {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
-    write_half
-        .write_all(b"220 instapod-test-sink ESMTP\r\n")
-        .await?;
+    write_half.write_all(b"220 instapod-test-sink ESMTP\r\n").await?;
     let mut mail_from = String::new();
     let mut rcpt_to = Vec::new();
     let mut line = String::new();
@@ -164,9 +147,7 @@ async fn serve(stream: TcpStream, store: Arc<Mutex<Vec<SmtpMessage>>>) -> std::i
             }
             "NOOP" => b"250 OK\r\n",
             "DATA" => {
-                write_half
-                    .write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n")
-                    .await?;
+                write_half.write_all(b"354 end data with <CR><LF>.<CR><LF>\r\n").await?;
                 let mut data = String::new();
                 loop {
                     line.clear();
@@ -181,14 +162,11 @@ async fn serve(stream: TcpStream, store: Arc<Mutex<Vec<SmtpMessage>>>) -> std::i
                     data.push_str(unstuffed);
                     data.push_str("\r\n");
                 }
-                store
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(SmtpMessage {
-                        mail_from: std::mem::take(&mut mail_from),
-                        rcpt_to: std::mem::take(&mut rcpt_to),
-                        data,
-                    });
+                store.lock().unwrap_or_else(|p| p.into_inner()).push(SmtpMessage {
+                    mail_from: std::mem::take(&mut mail_from),
+                    rcpt_to: std::mem::take(&mut rcpt_to),
+                    data,
+                });
                 b"250 OK queued\r\n"
             }
             "QUIT" => {
@@ -204,9 +182,7 @@ async fn serve(stream: TcpStream, store: Arc<Mutex<Vec<SmtpMessage>>>) -> std::i
 /// Splits a MIME entity into its (unfolded) header lines and its body.
 fn split_entity(entity: &str) -> (Vec<String>, String) {
     let normalized = entity.replace("\r\n", "\n");
-    let (head, body) = normalized
-        .split_once("\n\n")
-        .unwrap_or((normalized.as_str(), ""));
+    let (head, body) = normalized.split_once("\n\n").unwrap_or((normalized.as_str(), ""));
     let mut headers: Vec<String> = Vec::new();
     for line in head.lines() {
         if line.starts_with([' ', '\t']) {
@@ -224,9 +200,7 @@ fn split_entity(entity: &str) -> (Vec<String>, String) {
 fn header_value(headers: &[String], name: &str) -> Option<String> {
     headers.iter().find_map(|header| {
         let (key, value) = header.split_once(':')?;
-        key.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| value.trim().to_string())
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_string())
     })
 }
 
@@ -242,8 +216,7 @@ fn header_parameter(value: &str, name: &str) -> Option<String> {
 
 fn decode_entity(entity: &str) -> String {
     let (headers, body) = split_entity(entity);
-    let content_type =
-        header_value(&headers, "content-type").unwrap_or_else(|| "text/plain".into());
+    let content_type = header_value(&headers, "content-type").unwrap_or_else(|| "text/plain".into());
     if content_type.to_ascii_lowercase().starts_with("multipart/") {
         let Some(boundary) = header_parameter(&content_type, "boundary") else {
             return body;

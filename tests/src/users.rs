@@ -72,10 +72,7 @@ pub async fn register_user(control_plane: &ControlPlane, label: &str) -> Registr
 pub async fn login(control_plane: &ControlPlane, email: &str, password: &str) -> String {
     let body = control_plane
         .client()
-        .post_json(
-            "/api/auth/login",
-            &json!({"email": email, "password": password}),
-        )
+        .post_json("/api/auth/login", &json!({"email": email, "password": password}))
         .await
         .json_with_status(200);
     string_field(&body, "/token")
@@ -83,9 +80,7 @@ pub async fn login(control_plane: &ControlPlane, email: &str, password: &str) ->
 
 /// Verifies the user's email with the code from the outbox; asserts 200.
 pub async fn verify_email(control_plane: &ControlPlane, email: &str) -> Value {
-    let token = control_plane
-        .latest_token(email, MailKind::VerifyEmail)
-        .await;
+    let token = control_plane.latest_token(email, MailKind::VerifyEmail).await;
     control_plane
         .client()
         .post_json("/api/auth/verify-email", &json!({"token": token}))
@@ -100,11 +95,7 @@ pub async fn register_and_login(control_plane: &ControlPlane) -> TestUser {
 
 /// Registers a new user whose email starts with `label`, verifies the email when asked, and
 /// logs in.
-pub async fn register_and_login_as(
-    control_plane: &ControlPlane,
-    label: &str,
-    verify: bool,
-) -> TestUser {
+pub async fn register_and_login_as(control_plane: &ControlPlane, label: &str, verify: bool) -> TestUser {
     let registration = register_user(control_plane, label).await;
     if verify {
         verify_email(control_plane, &registration.email).await;

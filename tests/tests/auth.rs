@@ -6,17 +6,10 @@
 
 use instapod_tests::checks::{assert_timestamp, assert_uuid};
 use instapod_tests::ids::{password_of_len, random_suffix, unique_email};
-use instapod_tests::{
-    ControlPlane, MailKind, login, register_and_login, register_user, string_field, verify_email,
-};
+use instapod_tests::{ControlPlane, MailKind, login, register_and_login, register_user, string_field, verify_email};
 use serde_json::{Value, json};
 
-async fn register(
-    cp: &ControlPlane,
-    email: &str,
-    password: &str,
-    name: &str,
-) -> instapod_tests::Response {
+async fn register(cp: &ControlPlane, email: &str, password: &str, name: &str) -> instapod_tests::Response {
     cp.client()
         .post_json(
             "/api/auth/register",
@@ -27,10 +20,7 @@ async fn register(
 
 async fn try_login(cp: &ControlPlane, email: &str, password: &str) -> instapod_tests::Response {
     cp.client()
-        .post_json(
-            "/api/auth/login",
-            &json!({"email": email, "password": password}),
-        )
+        .post_json("/api/auth/login", &json!({"email": email, "password": password}))
         .await
 }
 
@@ -38,10 +28,7 @@ fn assert_user_shape(user: &Value, email: &str) {
     assert_uuid(&user["id"], "user.id");
     assert_eq!(user["email"], email, "user.email in {user}");
     assert!(user["name"].is_string(), "user.name in {user}");
-    assert!(
-        user["email_verified"].is_boolean(),
-        "user.email_verified in {user}"
-    );
+    assert!(user["email_verified"].is_boolean(), "user.email_verified in {user}");
     assert_timestamp(&user["created_at"], "user.created_at");
     assert_uuid(&user["active_team_id"], "user.active_team_id");
 }
@@ -73,14 +60,8 @@ async fn register_creates_user_and_personal_team_without_logging_in() {
     assert_eq!(team["personal"], true);
     assert_eq!(team["role"], "owner");
     assert_eq!(team["member_count"], 1);
-    assert!(
-        team["name"].as_str().is_some_and(|n| !n.is_empty()),
-        "{team}"
-    );
-    assert!(
-        team["slug"].as_str().is_some_and(|s| !s.is_empty()),
-        "{team}"
-    );
+    assert!(team["name"].as_str().is_some_and(|n| !n.is_empty()), "{team}");
+    assert!(team["slug"].as_str().is_some_and(|s| !s.is_empty()), "{team}");
     assert_timestamp(&team["created_at"], "team.created_at");
 
     // The verification mail is queued with a link to this control plane.
@@ -107,9 +88,7 @@ async fn register_normalises_email_and_refuses_duplicates() {
     let messy = format!("  {local}@Example.COM ");
     let normalised = format!("{}@example.com", local.to_lowercase());
 
-    let body = register(&cp, &messy, "password-one", "Foo")
-        .await
-        .json_with_status(201);
+    let body = register(&cp, &messy, "password-one", "Foo").await.json_with_status(201);
     assert_eq!(body["user"]["email"], normalised.as_str());
 
     let duplicate = register(
@@ -128,10 +107,7 @@ async fn register_normalises_email_and_refuses_duplicates() {
     assert!(token.starts_with("ipd_"), "{token}");
     let db = cp.db().await;
     let rows: i64 = db
-        .query_one(
-            "SELECT count(*) FROM users WHERE lower(email) = $1",
-            &[&normalised],
-        )
+        .query_one("SELECT count(*) FROM users WHERE lower(email) = $1", &[&normalised])
         .await
         .expect("count users")
         .get(0);
@@ -176,14 +152,9 @@ async fn register_validates_fields() {
     register(&cp, &unique_email("v8"), "12345678", "V")
         .await
         .assert_status(201);
-    register(
-        &cp,
-        &unique_email("v1024"),
-        &password_of_len(1024),
-        &"n".repeat(100),
-    )
-    .await
-    .assert_status(201);
+    register(&cp, &unique_email("v1024"), &password_of_len(1024), &"n".repeat(100))
+        .await
+        .assert_status(201);
 
     // Missing and unknown fields are JSON problems.
     for body in [
@@ -203,9 +174,7 @@ async fn passwords_are_never_truncated() {
     for length in [64, 200] {
         let email = unique_email(&format!("len{length}"));
         let password = password_of_len(length);
-        register(&cp, &email, &password, "Long")
-            .await
-            .assert_status(201);
+        register(&cp, &email, &password, "Long").await.assert_status(201);
         let token = login(&cp, &email, &password).await;
         assert!(token.starts_with("ipd_"));
 
@@ -232,11 +201,7 @@ async fn passwords_are_never_truncated() {
 #[tokio::test]
 async fn request_bodies_must_be_small_well_formed_json() {
     let cp = ControlPlane::start_default().await;
-    for path in [
-        "/api/auth/register",
-        "/api/auth/login",
-        "/api/auth/forgot-password",
-    ] {
+    for path in ["/api/auth/register", "/api/auth/login", "/api/auth/forgot-password"] {
         cp.client()
             .post(path)
             .raw_body("application/json", "{\"email\": ")
@@ -245,10 +210,7 @@ async fn request_bodies_must_be_small_well_formed_json() {
             .assert_error(400, "invalid_json");
         cp.client()
             .post(path)
-            .raw_body(
-                "application/json",
-                "{\"email\": \"a@b.example\", \"surprise\": 1}",
-            )
+            .raw_body("application/json", "{\"email\": \"a@b.example\", \"surprise\": 1}")
             .send()
             .await
             .assert_error(400, "invalid_json");
@@ -297,10 +259,7 @@ async fn request_bodies_must_be_small_well_formed_json() {
     // Nothing else was created by any of these.
     let db = cp.db().await;
     let others: i64 = db
-        .query_one(
-            "SELECT count(*) FROM users WHERE email <> $1",
-            &[&charset_email],
-        )
+        .query_one("SELECT count(*) FROM users WHERE email <> $1", &[&charset_email])
         .await
         .expect("count users")
         .get(0);
@@ -327,10 +286,7 @@ async fn login_returns_token_user_and_expiry() {
     assert_timestamp(&body["expires_at"], "expires_at");
     assert_user_shape(&body["user"], &registration.email);
     assert_eq!(body["user"]["id"], registration.user_id.as_str());
-    assert_eq!(
-        body["user"]["active_team_id"],
-        registration.personal_team_id.as_str()
-    );
+    assert_eq!(body["user"]["active_team_id"], registration.personal_team_id.as_str());
 
     let me = cp
         .client()
@@ -397,11 +353,7 @@ async fn current_user_requires_a_valid_token() {
 async fn verify_email_marks_the_address_verified_once() {
     let cp = ControlPlane::start_default().await;
     let user = register_and_login(&cp).await;
-    let before = user
-        .client()
-        .get_response("/api/auth/user")
-        .await
-        .json_with_status(200);
+    let before = user.client().get_response("/api/auth/user").await.json_with_status(200);
     assert_eq!(before["email_verified"], false);
 
     let token = cp.latest_token(&user.email, MailKind::VerifyEmail).await;
@@ -415,11 +367,7 @@ async fn verify_email_marks_the_address_verified_once() {
     assert_eq!(verified["email_verified"], true);
     assert_eq!(verified["id"], user.user_id.as_str());
 
-    let after = user
-        .client()
-        .get_response("/api/auth/user")
-        .await
-        .json_with_status(200);
+    let after = user.client().get_response("/api/auth/user").await.json_with_status(200);
     assert_eq!(after["email_verified"], true);
 
     // Single use.
@@ -428,11 +376,7 @@ async fn verify_email_marks_the_address_verified_once() {
         .await
         .assert_error(400, "invalid_token");
     // Unknown codes, and codes of the wrong kind.
-    for bad in [
-        "garbage".to_string(),
-        format!("ipv_{}", "A".repeat(43)),
-        String::new(),
-    ] {
+    for bad in ["garbage".to_string(), format!("ipv_{}", "A".repeat(43)), String::new()] {
         cp.client()
             .post_json("/api/auth/verify-email", &json!({"token": bad}))
             .await
@@ -449,23 +393,16 @@ async fn a_reset_code_does_not_verify_email() {
     let cp = ControlPlane::start_default().await;
     let registration = register_user(&cp, "kind").await;
     cp.client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": registration.email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
         .await
         .assert_status(202);
-    let reset_token = cp
-        .latest_token(&registration.email, MailKind::ResetPassword)
-        .await;
+    let reset_token = cp.latest_token(&registration.email, MailKind::ResetPassword).await;
     cp.client()
         .post_json("/api/auth/verify-email", &json!({"token": reset_token}))
         .await
         .assert_error(400, "invalid_token");
     // And a verify code does not reset a password.
-    let verify_token = cp
-        .latest_token(&registration.email, MailKind::VerifyEmail)
-        .await;
+    let verify_token = cp.latest_token(&registration.email, MailKind::VerifyEmail).await;
     cp.client()
         .post_json(
             "/api/auth/reset-password",
@@ -492,34 +429,20 @@ async fn forgot_password_answers_the_same_for_unknown_emails() {
 
     let known = cp
         .client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": registration.email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
         .await;
     let unknown = cp
         .client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": unknown_email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": unknown_email}))
         .await;
     let known_body = known.json_with_status(202);
     let unknown_body = unknown.json_with_status(202);
     assert_eq!(known_body, unknown_body);
-    assert!(
-        known_body["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty())
-    );
+    assert!(known_body["message"].as_str().is_some_and(|m| !m.is_empty()));
 
     // Only the real account gets mail.
-    cp.latest_token(&registration.email, MailKind::ResetPassword)
-        .await;
-    assert_eq!(
-        cp.mail_count(&unknown_email, MailKind::ResetPassword).await,
-        0
-    );
+    cp.latest_token(&registration.email, MailKind::ResetPassword).await;
+    assert_eq!(cp.mail_count(&unknown_email, MailKind::ResetPassword).await, 0);
 
     cp.client()
         .post_json("/api/auth/forgot-password", &json!({"email": "nope"}))
@@ -536,23 +459,15 @@ async fn reset_password_changes_it_and_signs_out_everywhere() {
     assert_ne!(first, second);
 
     cp.client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": registration.email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
         .await
         .assert_status(202);
-    let code = cp
-        .latest_token(&registration.email, MailKind::ResetPassword)
-        .await;
+    let code = cp.latest_token(&registration.email, MailKind::ResetPassword).await;
     assert!(code.starts_with("ipr_"));
 
     // A too-short new password is refused (and the code is not spent on it).
     cp.client()
-        .post_json(
-            "/api/auth/reset-password",
-            &json!({"token": code, "password": "short"}),
-        )
+        .post_json("/api/auth/reset-password", &json!({"token": code, "password": "short"}))
         .await
         .assert_error(400, "validation_failed");
 
@@ -610,15 +525,10 @@ async fn an_expired_reset_code_is_refused() {
     let cp = ControlPlane::start_default().await;
     let registration = register_user(&cp, "expired").await;
     cp.client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": registration.email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
         .await
         .assert_status(202);
-    let code = cp
-        .latest_token(&registration.email, MailKind::ResetPassword)
-        .await;
+    let code = cp.latest_token(&registration.email, MailKind::ResetPassword).await;
     let db = cp.db().await;
     let updated = db
         .execute(
@@ -644,14 +554,10 @@ async fn codes_expire_after_the_documented_lifetimes() {
     let cp = ControlPlane::start_default().await;
     let registration = register_user(&cp, "lifetime").await;
     cp.client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": registration.email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
         .await
         .assert_status(202);
-    cp.latest_token(&registration.email, MailKind::ResetPassword)
-        .await;
+    cp.latest_token(&registration.email, MailKind::ResetPassword).await;
     let db = cp.db().await;
     // Lifetimes in minutes: verify codes 48 hours, reset codes 1 hour.
     for (purpose, minutes) in [("verify_email", 48 * 60), ("reset_password", 60)] {

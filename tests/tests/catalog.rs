@@ -59,9 +59,7 @@ async fn plans_include_free_and_three_paid_plans() {
                 ("memory_mib", positive_integer),
                 ("disk_gib", positive_integer),
                 ("max_pods", positive_integer),
-                ("price_cents_monthly", |v| {
-                    v.as_i64().is_some_and(|n| n >= 0)
-                }),
+                ("price_cents_monthly", |v| v.as_i64().is_some_and(|n| n >= 0)),
             ],
         );
     }
@@ -74,10 +72,7 @@ async fn plans_include_free_and_three_paid_plans() {
         .iter()
         .filter(|plan| plan["price_cents_monthly"].as_i64().is_some_and(|p| p > 0))
         .count();
-    assert!(
-        paid >= 3,
-        "at least three paid plans, got {paid}: {plans:?}"
-    );
+    assert!(paid >= 3, "at least three paid plans, got {paid}: {plans:?}");
     assert_eq!(ids(&plans).len(), plans.len(), "plan ids are unique");
 }
 
@@ -117,9 +112,7 @@ async fn regions_runtimes_and_presets_are_listed_without_authentication() {
                     v.as_array()
                         .is_some_and(|a| !a.is_empty() && a.iter().all(Value::is_string))
                 }),
-                ("http_port", |v| {
-                    v.as_i64().is_some_and(|p| (1..=65535).contains(&p))
-                }),
+                ("http_port", |v| v.as_i64().is_some_and(|p| (1..=65535).contains(&p))),
             ],
         );
     }
@@ -143,8 +136,7 @@ async fn regions_runtimes_and_presets_are_listed_without_authentication() {
                 ("description", Value::is_string),
                 ("runtime", non_empty_string),
                 ("env", |v| {
-                    v.as_object()
-                        .is_some_and(|env| env.values().all(Value::is_string))
+                    v.as_object().is_some_and(|env| env.values().all(Value::is_string))
                 }),
                 ("ports", |v| {
                     v.as_array().is_some_and(|ports| {
@@ -160,10 +152,7 @@ async fn regions_runtimes_and_presets_are_listed_without_authentication() {
             ],
         );
         let runtime = preset["runtime"].as_str().unwrap_or_default();
-        assert!(
-            runtime_ids.contains(runtime),
-            "preset runtime {runtime} is not listed"
-        );
+        assert!(runtime_ids.contains(runtime), "preset runtime {runtime} is not listed");
         let plan = preset["plan"].as_str().unwrap_or_default();
         assert!(plan_ids.contains(plan), "preset plan {plan} is not listed");
     }
@@ -193,11 +182,7 @@ async fn catalog_answers_the_same_with_a_token_and_refuses_writes() {
             response.status,
             response.text()
         );
-        assert!(
-            response.json()["error"]["code"].is_string(),
-            "{}",
-            response.text()
-        );
+        assert!(response.json()["error"]["code"].is_string(), "{}", response.text());
     }
     assert!(!ids(&list(&cp.client(), "/api/plans", "plans").await).contains("hacked"));
 }

@@ -29,18 +29,12 @@ async fn shared_postgres_creates_isolated_databases() {
     db.batch_execute("CREATE TABLE marker (id int); INSERT INTO marker VALUES (7)")
         .await
         .expect("writing to a fresh database");
-    let row = db
-        .query_one("SELECT id FROM marker", &[])
-        .await
-        .expect("reading back");
+    let row = db.query_one("SELECT id FROM marker", &[]).await.expect("reading back");
     assert_eq!(row.get::<_, i32>(0), 7);
 
     let other = server.connect(&second).await;
     let missing = other.query("SELECT id FROM marker", &[]).await;
-    assert!(
-        missing.is_err(),
-        "the second database must not see the first's table"
-    );
+    assert!(missing.is_err(), "the second database must not see the first's table");
 
     let gen_uuid = db
         .query_one("SELECT gen_random_uuid()::text", &[])
@@ -52,10 +46,7 @@ async fn shared_postgres_creates_isolated_databases() {
 #[tokio::test]
 async fn shared_redis_answers_and_hands_out_distinct_databases() {
     let server = redis::shared();
-    assert_eq!(
-        redis_ping(server.port()).await.expect("redis answers"),
-        "+PONG\r\n"
-    );
+    assert_eq!(redis_ping(server.port()).await.expect("redis answers"), "+PONG\r\n");
     let first = server.next_url();
     let second = server.next_url();
     assert_ne!(first, second);
@@ -94,9 +85,7 @@ async fn smtp_sink_records_a_message() {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("the sink URL ends with a port");
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect to sink");
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect to sink");
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = BufReader::new(read_half);
     let mut transcript = Vec::new();
@@ -111,10 +100,7 @@ async fn smtp_sink_records_a_message() {
         "Subject: Verify\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nhttp://x/verify-email?token=3Dipv_a=\r\nbc\r\n..dot line\r\n.\r\n",
         "QUIT\r\n",
     ] {
-        write_half
-            .write_all(command.as_bytes())
-            .await
-            .expect("write command");
+        write_half.write_all(command.as_bytes()).await.expect("write command");
         line.clear();
         reader.read_line(&mut line).await.expect("reply");
         transcript.push(line.clone());

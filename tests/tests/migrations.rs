@@ -36,11 +36,7 @@ async fn recorded(cp: &ControlPlane) -> Vec<(i64, String, String, String)> {
 
 fn assert_all_recorded_once(rows: &[(i64, String, String, String)]) {
     let files = migration_files();
-    assert_eq!(
-        rows.len(),
-        files.len(),
-        "one row per file: {rows:?} vs {files:?}"
-    );
+    assert_eq!(rows.len(), files.len(), "one row per file: {rows:?} vs {files:?}");
     let versions: BTreeSet<i64> = rows.iter().map(|row| row.0).collect();
     assert_eq!(versions.len(), rows.len(), "versions are unique: {rows:?}");
     for (_, name, checksum, _) in rows {
@@ -58,10 +54,7 @@ fn assert_all_recorded_once(rows: &[(i64, String, String, String)]) {
 async fn two_control_planes_starting_together_migrate_once() {
     let database = postgres::shared().create_database().await;
     let options = ControlPlaneOptions::default().database(&database);
-    let (first, second) = tokio::join!(
-        ControlPlane::start(options.clone()),
-        ControlPlane::start(options)
-    );
+    let (first, second) = tokio::join!(ControlPlane::start(options.clone()), ControlPlane::start(options));
     assert_all_recorded_once(&recorded(&first).await);
 
     // Both serve the same data.
@@ -95,9 +88,7 @@ async fn an_edited_migration_refuses_to_start() {
     let database = cp.database().to_string();
     drop(cp);
 
-    let (status, log) =
-        ControlPlane::start_expecting_exit(ControlPlaneOptions::default().database(&database))
-            .await;
+    let (status, log) = ControlPlane::start_expecting_exit(ControlPlaneOptions::default().database(&database)).await;
     assert!(
         !status.success(),
         "it must exit with an error, got {status}; log:\n{log}"

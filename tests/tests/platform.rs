@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure};
 use instapod_tests::{
-    ControlPlane, ControlPlaneOptions, MailKind, PostgresServer, SmtpSink, eventually,
-    register_and_login, register_user,
+    ControlPlane, ControlPlaneOptions, MailKind, PostgresServer, SmtpSink, eventually, register_and_login,
+    register_user,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -15,17 +15,9 @@ use uuid::Uuid;
 #[tokio::test]
 async fn health_and_readiness() {
     let cp = ControlPlane::start_default().await;
-    let health = cp
-        .client()
-        .get_response("/healthz")
-        .await
-        .json_with_status(200);
+    let health = cp.client().get_response("/healthz").await.json_with_status(200);
     assert_eq!(health, json!({"status": "ok"}));
-    let ready = cp
-        .client()
-        .get_response("/readyz")
-        .await
-        .json_with_status(200);
+    let ready = cp.client().get_response("/readyz").await.json_with_status(200);
     assert_eq!(ready, json!({"postgres": "ok", "redis": "ok"}));
 }
 
@@ -42,10 +34,7 @@ async fn metrics_label_requests_by_route_template() {
     let cp = ControlPlane::start_default().await;
     let user = register_and_login(&cp).await;
     let client = user.client();
-    client
-        .get_response("/api/auth/user")
-        .await
-        .assert_status(200);
+    client.get_response("/api/auth/user").await.assert_status(200);
     let unknown_team = Uuid::new_v4().to_string();
     client
         .get_response(&format!("/api/teams/{unknown_team}"))
@@ -56,10 +45,7 @@ async fn metrics_label_requests_by_route_template() {
         .await
         .assert_status(200);
     let junk_path = format!("/no/such/{}", Uuid::new_v4().simple());
-    cp.client()
-        .get_response(&junk_path)
-        .await
-        .assert_status(404);
+    cp.client().get_response(&junk_path).await.assert_status(404);
 
     let response = cp.client().get_response("/metrics").await;
     response.assert_status(200);
@@ -78,9 +64,7 @@ async fn metrics_label_requests_by_route_template() {
         lines.join("\n")
     );
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("route=\"/api/teams/{id}\"")),
+        lines.iter().any(|l| l.contains("route=\"/api/teams/{id}\"")),
         "no counter for the template /api/teams/{{id}} in:\n{}",
         lines.join("\n")
     );
@@ -135,11 +119,7 @@ async fn openapi_lists_every_implemented_path() {
     let mut missing = Vec::new();
     for (path, methods) in expected {
         for method in *methods {
-            if paths
-                .get(*path)
-                .and_then(|item| item.get(*method))
-                .is_none()
-            {
+            if paths.get(*path).and_then(|item| item.get(*method)).is_none() {
                 missing.push(format!("{} {path}", method.to_uppercase()));
             }
         }
@@ -155,10 +135,7 @@ async fn openapi_lists_every_implemented_path() {
 async fn unknown_paths_and_methods_answer_json_errors() {
     let cp = ControlPlane::start_default().await;
     for path in ["/nope", "/api/nope", "/api/teams/switch/extra/deep"] {
-        cp.client()
-            .get_response(path)
-            .await
-            .assert_error(404, "not_found");
+        cp.client().get_response(path).await.assert_error(404, "not_found");
     }
     // A method the path does not support.
     let response = cp.client().delete_response("/api/auth/login").await;
@@ -191,10 +168,7 @@ async fn verification_mail_is_delivered_over_smtp() {
     assert!(message.header("from").is_some());
     let text = message.text();
     let link = format!("{}/verify-email?token=ipv_", cp.url());
-    assert!(
-        text.contains(&link),
-        "no {link}... in the delivered mail:\n{text}"
-    );
+    assert!(text.contains(&link), "no {link}... in the delivered mail:\n{text}");
     let token = instapod_tests::mail::extract_token(&text, "ipv_")
         .unwrap_or_else(|| panic!("no code in the delivered mail:\n{text}"));
 
@@ -202,20 +176,16 @@ async fn verification_mail_is_delivered_over_smtp() {
     let db = cp.db().await;
     let db = &db;
     let email = registration.email.as_str();
-    eventually(
-        Duration::from_secs(20),
-        "sent_at to be set",
-        || async move {
-            let row = db
+    eventually(Duration::from_secs(20), "sent_at to be set", || async move {
+        let row = db
             .query_one(
                 "SELECT sent_at IS NOT NULL FROM mail_outbox WHERE to_address = $1 AND kind = $2",
                 &[&email, &MailKind::VerifyEmail.as_str()],
             )
             .await?;
-            ensure!(row.get::<_, bool>(0), "sent_at is still NULL");
-            Ok(())
-        },
-    )
+        ensure!(row.get::<_, bool>(0), "sent_at is still NULL");
+        Ok(())
+    })
     .await;
 
     // The delivered code works.
@@ -238,27 +208,20 @@ async fn postgres_down_answers_database_unavailable() {
     )
     .await;
     let user = register_and_login(&cp).await;
-    user.client()
-        .get_response("/api/teams")
-        .await
-        .assert_status(200);
+    user.client().get_response("/api/teams").await.assert_status(200);
 
     pg.stop();
 
     let client = user.client();
     let client = &client;
-    eventually(
-        Duration::from_secs(30),
-        "503 database_unavailable",
-        || async move {
-            let response = client.get_response("/api/teams").await;
-            if response.status == 503 {
-                Ok(response)
-            } else {
-                Err(anyhow!("answered {}: {}", response.status, response.text()))
-            }
-        },
-    )
+    eventually(Duration::from_secs(30), "503 database_unavailable", || async move {
+        let response = client.get_response("/api/teams").await;
+        if response.status == 503 {
+            Ok(response)
+        } else {
+            Err(anyhow!("answered {}: {}", response.status, response.text()))
+        }
+    })
     .await
     .assert_error(503, "database_unavailable");
     client
@@ -281,8 +244,5 @@ async fn postgres_down_answers_database_unavailable() {
     let body = ready.json_with_status(503);
     assert_ne!(body["postgres"], "ok", "{body}");
     assert_eq!(body["redis"], "ok", "{body}");
-    cp.client()
-        .get_response("/healthz")
-        .await
-        .assert_status(200);
+    cp.client().get_response("/healthz").await.assert_status(200);
 }

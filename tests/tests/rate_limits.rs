@@ -11,8 +11,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use instapod_tests::ids::{random_client_ip, unique_email};
 use instapod_tests::{
-    Client, ControlPlane, ControlPlaneOptions, RedisServer, Response, eventually, login,
-    register_user,
+    Client, ControlPlane, ControlPlaneOptions, RedisServer, Response, eventually, login, register_user,
 };
 use serde_json::json;
 
@@ -33,10 +32,7 @@ fn assert_rate_limited(response: &Response) {
 
 async fn attempt_login(client: &Client, email: &str, password: &str) -> Response {
     client
-        .post_json(
-            "/api/auth/login",
-            &json!({"email": email, "password": password}),
-        )
+        .post_json("/api/auth/login", &json!({"email": email, "password": password}))
         .await
 }
 
@@ -119,35 +115,23 @@ async fn forgot_password_allows_three_per_minute_per_ip() {
     let client = cp.client();
     for _ in 0..3 {
         client
-            .post_json(
-                "/api/auth/forgot-password",
-                &json!({"email": registration.email}),
-            )
+            .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
             .await
             .assert_status(202);
     }
     assert_rate_limited(
         &client
-            .post_json(
-                "/api/auth/forgot-password",
-                &json!({"email": registration.email}),
-            )
+            .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
             .await,
     );
     // Unknown emails are limited the same way (no difference to observe).
     assert_rate_limited(
         &client
-            .post_json(
-                "/api/auth/forgot-password",
-                &json!({"email": unique_email("ghost")}),
-            )
+            .post_json("/api/auth/forgot-password", &json!({"email": unique_email("ghost")}))
             .await,
     );
     cp.client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": registration.email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
         .await
         .assert_status(202);
 }
@@ -165,14 +149,10 @@ async fn forwarded_for_is_ignored_without_trusted_proxies() {
             .assert_error(401, "invalid_credentials");
     }
     let spoofed = cp.client();
-    assert_rate_limited(
-        &attempt_login(&spoofed, &registration.email, &registration.password).await,
-    );
-    let chain = cp.client().with_client_ip(Some(&format!(
-        "{}, {}",
-        random_client_ip(),
-        random_client_ip()
-    )));
+    assert_rate_limited(&attempt_login(&spoofed, &registration.email, &registration.password).await);
+    let chain = cp
+        .client()
+        .with_client_ip(Some(&format!("{}, {}", random_client_ip(), random_client_ip())));
     assert_rate_limited(&attempt_login(&chain, &registration.email, &registration.password).await);
     let plain = cp.client().with_client_ip(None);
     assert_rate_limited(&attempt_login(&plain, &registration.email, &registration.password).await);
@@ -183,9 +163,7 @@ async fn the_limit_holds_across_replicas() {
     // Two replicas: one database, one Redis database.
     let database = instapod_tests::postgres::shared().create_database().await;
     let redis_url = instapod_tests::redis::shared().next_url();
-    let options = ControlPlaneOptions::default()
-        .database(&database)
-        .redis_url(&redis_url);
+    let options = ControlPlaneOptions::default().database(&database).redis_url(&redis_url);
     let replica_a = ControlPlane::start(options.clone()).await;
     let replica_b = ControlPlane::start(options).await;
     let registration = register_user(&replica_a, "replicas").await;
@@ -214,18 +192,14 @@ async fn redis_down_fails_closed() {
     let email = registration.email.as_str();
     let password = registration.password.as_str();
     let cp_ref = &cp;
-    let response = eventually(
-        Duration::from_secs(30),
-        "login to answer 503",
-        || async move {
-            let response = attempt_login(&cp_ref.client(), email, password).await;
-            if response.status == 503 {
-                Ok(response)
-            } else {
-                Err(anyhow!("answered {}: {}", response.status, response.text()))
-            }
-        },
-    )
+    let response = eventually(Duration::from_secs(30), "login to answer 503", || async move {
+        let response = attempt_login(&cp_ref.client(), email, password).await;
+        if response.status == 503 {
+            Ok(response)
+        } else {
+            Err(anyhow!("answered {}: {}", response.status, response.text()))
+        }
+    })
     .await;
     response.assert_error(503, "rate_limiter_unavailable");
     assert!(response.set_cookie("instapod_session").is_none());
@@ -270,9 +244,7 @@ async fn prepended_forwarded_for_entries_do_not_open_a_new_bucket() {
             .await
             .assert_error(401, "invalid_credentials");
     }
-    assert_rate_limited(
-        &attempt_login(&via_proxy(), &registration.email, &registration.password).await,
-    );
+    assert_rate_limited(&attempt_login(&via_proxy(), &registration.email, &registration.password).await);
     let direct = cp.client().with_client_ip(Some(&real_ip));
     assert_rate_limited(&attempt_login(&direct, &registration.email, &registration.password).await);
 }

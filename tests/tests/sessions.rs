@@ -12,10 +12,7 @@ const EVIL_ORIGIN: &str = "http://evil.example";
 /// Logs in through `client` (which keeps any cookie it is sent) and returns the response.
 async fn login_with(client: &Client, email: &str, password: &str) -> Response {
     client
-        .post_json(
-            "/api/auth/login",
-            &json!({"email": email, "password": password}),
-        )
+        .post_json("/api/auth/login", &json!({"email": email, "password": password}))
         .await
 }
 
@@ -45,28 +42,19 @@ async fn login_sets_a_host_only_http_only_lax_cookie() {
     let registration = register_user(&cp, "attrs").await;
     let response = login_with(&cp.client(), &registration.email, &registration.password).await;
     let body = response.json_with_status(200);
-    let header = response.set_cookie("instapod_session").unwrap_or_else(|| {
-        panic!(
-            "no instapod_session cookie: {:?}",
-            response.header_all("set-cookie")
-        )
-    });
+    let header = response
+        .set_cookie("instapod_session")
+        .unwrap_or_else(|| panic!("no instapod_session cookie: {:?}", response.header_all("set-cookie")));
     let cookie = SetCookie::parse(&header);
     assert_eq!(cookie.value, string_field(&body, "/token"), "{header}");
     assert!(cookie.has("httponly"), "HttpOnly missing: {header}");
     assert_eq!(
-        cookie
-            .get("samesite")
-            .map(str::to_ascii_lowercase)
-            .as_deref(),
+        cookie.get("samesite").map(str::to_ascii_lowercase).as_deref(),
         Some("lax"),
         "{header}"
     );
     assert_eq!(cookie.get("path"), Some("/"), "{header}");
-    assert!(
-        !cookie.has("domain"),
-        "the cookie must be host-only: {header}"
-    );
+    assert!(!cookie.has("domain"), "the cookie must be host-only: {header}");
     assert!(
         !cookie.has("secure"),
         "plain-http public URL: no Secure attribute: {header}"
@@ -79,10 +67,7 @@ async fn the_cookie_authenticates_reads() {
     let cp = ControlPlane::start_default().await;
     let (client, email) = cookie_session(&cp).await;
     assert!(client.cookie("instapod_session").is_some());
-    let me = client
-        .get_response("/api/auth/user")
-        .await
-        .json_with_status(200);
+    let me = client.get_response("/api/auth/user").await.json_with_status(200);
     assert_eq!(me["email"], email.as_str());
     client.get_response("/api/teams").await.assert_status(200);
 }
@@ -94,22 +79,14 @@ async fn every_login_issues_a_fresh_token_and_ignores_a_planted_cookie() {
     let planted = format!("ipd_{}", "P".repeat(43));
     let client = cp.cookie_client();
     client.plant_cookie(&format!("instapod_session={planted}"));
-    assert_eq!(
-        client.cookie("instapod_session").as_deref(),
-        Some(planted.as_str())
-    );
+    assert_eq!(client.cookie("instapod_session").as_deref(), Some(planted.as_str()));
 
     let response = login_with(&client, &registration.email, &registration.password).await;
     let token = string_field(&response.json_with_status(200), "/token");
     assert_ne!(token, planted);
-    let header = response
-        .set_cookie("instapod_session")
-        .expect("login sets the cookie");
+    let header = response.set_cookie("instapod_session").expect("login sets the cookie");
     assert_eq!(SetCookie::parse(&header).value, token);
-    assert_eq!(
-        client.cookie("instapod_session").as_deref(),
-        Some(token.as_str())
-    );
+    assert_eq!(client.cookie("instapod_session").as_deref(), Some(token.as_str()));
 
     // The planted value is worthless, before and after.
     cp.client()
@@ -128,10 +105,7 @@ async fn every_login_issues_a_fresh_token_and_ignores_a_planted_cookie() {
             .await
             .assert_status(200);
     }
-    client
-        .get_response("/api/auth/user")
-        .await
-        .assert_status(200);
+    client.get_response("/api/auth/user").await.assert_status(200);
 }
 
 #[tokio::test]
@@ -141,21 +115,13 @@ async fn logout_revokes_only_the_token_in_use() {
     let first = login(&cp, &registration.email, &registration.password).await;
     let second = login(&cp, &registration.email, &registration.password).await;
 
-    let response = cp
-        .client()
-        .with_token(&first)
-        .post("/api/auth/logout")
-        .send()
-        .await;
+    let response = cp.client().with_token(&first).post("/api/auth/logout").send().await;
     response.assert_status(204);
     let cleared = response
         .set_cookie("instapod_session")
         .expect("logout clears the cookie");
     let cleared = SetCookie::parse(&cleared);
-    assert!(
-        cleared.value.is_empty() || cleared.value != first,
-        "{cleared:?}"
-    );
+    assert!(cleared.value.is_empty() || cleared.value != first, "{cleared:?}");
     assert!(cleared.removes_cookie(), "{cleared:?}");
     assert_eq!(cleared.get("path"), Some("/"));
 
@@ -181,14 +147,8 @@ async fn logout_revokes_only_the_token_in_use() {
 async fn cookie_logout_clears_the_cookie_and_revokes_the_session() {
     let cp = ControlPlane::start_default().await;
     let (client, _) = cookie_session(&cp).await;
-    let token = client
-        .cookie("instapod_session")
-        .expect("the jar holds the session");
-    let response = client
-        .post("/api/auth/logout")
-        .header("Origin", cp.url())
-        .send()
-        .await;
+    let token = client.cookie("instapod_session").expect("the jar holds the session");
+    let response = client.post("/api/auth/logout").header("Origin", cp.url()).send().await;
     response.assert_status(204);
     let cleared = SetCookie::parse(
         &response
@@ -237,10 +197,7 @@ async fn tokens_and_codes_are_stored_only_as_hashes() {
     let registration = register_user(&cp, "hashes").await;
     let token = login(&cp, &registration.email, &registration.password).await;
     cp.client()
-        .post_json(
-            "/api/auth/forgot-password",
-            &json!({"email": registration.email}),
-        )
+        .post_json("/api/auth/forgot-password", &json!({"email": registration.email}))
         .await
         .assert_status(202);
     let reset = cp
@@ -388,10 +345,7 @@ async fn cookie_changes_from_a_foreign_origin_are_refused() {
         .send()
         .await
         .assert_error(403, "cross_origin_request");
-    client
-        .get_response("/api/auth/user")
-        .await
-        .assert_status(200);
+    client.get_response("/api/auth/user").await.assert_status(200);
 
     // Reads are not affected.
     client

@@ -5,8 +5,7 @@
 use instapod_tests::checks::{assert_timestamp, assert_uuid};
 use instapod_tests::ids::unique_slug;
 use instapod_tests::{
-    ControlPlane, Response, TestUser, login, register_and_login, register_and_login_as,
-    string_field,
+    ControlPlane, Response, TestUser, login, register_and_login, register_and_login_as, string_field,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -24,11 +23,7 @@ async fn create_team(user: &TestUser, name: &str) -> Value {
 }
 
 async fn list_teams(user: &TestUser) -> Vec<Value> {
-    let body = user
-        .client()
-        .get_response("/api/teams")
-        .await
-        .json_with_status(200);
+    let body = user.client().get_response("/api/teams").await.json_with_status(200);
     body["teams"]
         .as_array()
         .unwrap_or_else(|| panic!("teams list in {body}"))
@@ -114,10 +109,7 @@ async fn create_and_list_teams() {
     assert_eq!(team["personal"], false);
     assert_eq!(team["role"], "owner");
     assert_eq!(team["member_count"], 1);
-    assert_eq!(
-        team["active"], false,
-        "creating a team does not switch to it"
-    );
+    assert_eq!(team["active"], false, "creating a team does not switch to it");
 
     // Without a slug, one is derived from the name and follows the slug rule.
     let derived = user
@@ -146,10 +138,7 @@ async fn create_and_list_teams() {
         team["id"].as_str().unwrap_or_default(),
         derived["id"].as_str().unwrap_or_default(),
     ] {
-        assert!(
-            find_team(&teams, id).is_some(),
-            "{id} missing from {teams:?}"
-        );
+        assert!(find_team(&teams, id).is_some(), "{id} missing from {teams:?}");
     }
     let active: Vec<&Value> = teams.iter().filter(|t| t["active"] == true).collect();
     assert_eq!(active.len(), 1);
@@ -199,10 +188,7 @@ async fn slugs_are_unique_and_follow_the_rule() {
     for bad_name in [String::new(), "n".repeat(101)] {
         alice
             .client()
-            .post_json(
-                "/api/teams",
-                &json!({"name": bad_name, "slug": unique_slug("n")}),
-            )
+            .post_json("/api/teams", &json!({"name": bad_name, "slug": unique_slug("n")}))
             .await
             .assert_error(400, "validation_failed");
     }
@@ -249,19 +235,12 @@ async fn switching_sets_the_active_team_of_the_credential_in_use() {
     assert_eq!(switched["active"], true);
 
     let teams = list_teams(&user).await;
-    assert_eq!(
-        find_team(&teams, &team_id).map(|t| &t["active"]),
-        Some(&json!(true))
-    );
+    assert_eq!(find_team(&teams, &team_id).map(|t| &t["active"]), Some(&json!(true)));
     assert_eq!(
         find_team(&teams, &user.personal_team_id).map(|t| &t["active"]),
         Some(&json!(false))
     );
-    let me = user
-        .client()
-        .get_response("/api/auth/user")
-        .await
-        .json_with_status(200);
+    let me = user.client().get_response("/api/auth/user").await.json_with_status(200);
     assert_eq!(me["active_team_id"], team_id.as_str());
 
     // Another session of the same user keeps its own active team.
@@ -272,10 +251,7 @@ async fn switching_sets_the_active_team_of_the_credential_in_use() {
         .get_response("/api/auth/user")
         .await
         .json_with_status(200);
-    assert_eq!(
-        me_elsewhere["active_team_id"],
-        user.personal_team_id.as_str()
-    );
+    assert_eq!(me_elsewhere["active_team_id"], user.personal_team_id.as_str());
 
     // Switching to a team one is not a member of, or that does not exist: 404, no change.
     other
@@ -284,24 +260,14 @@ async fn switching_sets_the_active_team_of_the_credential_in_use() {
         .await
         .assert_error(404, "not_found");
     user.client()
-        .post_json(
-            "/api/teams/switch",
-            &json!({"team_id": other.personal_team_id}),
-        )
+        .post_json("/api/teams/switch", &json!({"team_id": other.personal_team_id}))
         .await
         .assert_error(404, "not_found");
     user.client()
-        .post_json(
-            "/api/teams/switch",
-            &json!({"team_id": Uuid::new_v4().to_string()}),
-        )
+        .post_json("/api/teams/switch", &json!({"team_id": Uuid::new_v4().to_string()}))
         .await
         .assert_error(404, "not_found");
-    let me = user
-        .client()
-        .get_response("/api/auth/user")
-        .await
-        .json_with_status(200);
+    let me = user.client().get_response("/api/auth/user").await.json_with_status(200);
     assert_eq!(me["active_team_id"], team_id.as_str());
 
     user.client()
@@ -379,11 +345,7 @@ async fn another_teams_id_is_not_found_everywhere() {
         "malformed id answered {}",
         response.status
     );
-    assert!(
-        response.json()["error"]["code"].is_string(),
-        "{}",
-        response.text()
-    );
+    assert!(response.json()["error"]["code"].is_string(), "{}", response.text());
 }
 
 #[tokio::test]
@@ -440,11 +402,7 @@ async fn updating_a_team_needs_owner_or_admin() {
         .await
         .assert_error(400, "invalid_json");
 
-    let now = member
-        .client()
-        .get_response(&path)
-        .await
-        .json_with_status(200);
+    let now = member.client().get_response(&path).await.json_with_status(200);
     assert_eq!(now["name"], "After");
     assert_eq!(now["slug"], new_slug.as_str());
     assert_eq!(now["role"], "member");
@@ -471,14 +429,9 @@ async fn members_are_managed_by_owners_and_admins() {
     assert_timestamp(&added["joined_at"], "member.joined_at");
 
     // The email is normalised like at registration.
-    add_member(
-        &owner,
-        &team_id,
-        &format!("  {}  ", bob.email.to_uppercase()),
-        None,
-    )
-    .await
-    .assert_error(409, "already_member");
+    add_member(&owner, &team_id, &format!("  {}  ", bob.email.to_uppercase()), None)
+        .await
+        .assert_error(409, "already_member");
     add_member(&owner, &team_id, &bob.email, Some("member"))
         .await
         .assert_error(409, "already_member");
@@ -531,9 +484,7 @@ async fn members_are_managed_by_owners_and_admins() {
     assert_eq!(promoted["role"], "admin");
 
     // An admin adds members, but cannot grant owner, change roles, remove owners or delete.
-    add_member(&bob, &team_id, &carol.email, None)
-        .await
-        .assert_status(201);
+    add_member(&bob, &team_id, &carol.email, None).await.assert_status(201);
     add_member(&bob, &team_id, &dave.email, Some("owner"))
         .await
         .assert_error(403, "forbidden");
@@ -637,10 +588,7 @@ async fn the_last_owner_cannot_leave_and_members_can() {
         .assert_error(404, "not_found");
     co_owner
         .client()
-        .delete_response(&format!(
-            "/api/teams/{team_id}/members/{}",
-            co_owner.user_id
-        ))
+        .delete_response(&format!("/api/teams/{team_id}/members/{}", co_owner.user_id))
         .await
         .assert_error(409, "last_owner");
     let left = members(&co_owner, &team_id).await;
@@ -678,12 +626,9 @@ async fn personal_teams_and_teams_with_pods_cannot_be_deleted() {
         .await
         .assert_status(200);
 
-    db.execute(
-        "DELETE FROM pods WHERE team_id = $1::text::uuid",
-        &[&team_id],
-    )
-    .await
-    .expect("delete the pod row");
+    db.execute("DELETE FROM pods WHERE team_id = $1::text::uuid", &[&team_id])
+        .await
+        .expect("delete the pod row");
     owner
         .client()
         .delete_response(&format!("/api/teams/{team_id}"))
@@ -721,11 +666,7 @@ async fn deleting_the_active_team_falls_back_to_the_personal_team() {
         .assert_status(204);
 
     for user in [&owner, &member] {
-        let me = user
-            .client()
-            .get_response("/api/auth/user")
-            .await
-            .json_with_status(200);
+        let me = user.client().get_response("/api/auth/user").await.json_with_status(200);
         assert_eq!(me["active_team_id"], user.personal_team_id.as_str());
         let teams = list_teams(user).await;
         assert_eq!(teams.len(), 1, "{teams:?}");
@@ -775,27 +716,17 @@ async fn team_endpoints_require_authentication() {
     let responses = vec![
         anonymous.get_response("/api/teams").await,
         anonymous
-            .post_json(
-                "/api/teams",
-                &json!({"name": "x", "slug": unique_slug("anon")}),
-            )
+            .post_json("/api/teams", &json!({"name": "x", "slug": unique_slug("anon")}))
             .await,
-        anonymous
-            .post_json("/api/teams/switch", &json!({"team_id": id}))
-            .await,
+        anonymous.post_json("/api/teams/switch", &json!({"team_id": id})).await,
         anonymous.get_response(&format!("/api/teams/{id}")).await,
         anonymous
             .put_json(&format!("/api/teams/{id}"), &json!({"name": "x"}))
             .await,
         anonymous.delete_response(&format!("/api/teams/{id}")).await,
+        anonymous.get_response(&format!("/api/teams/{id}/members")).await,
         anonymous
-            .get_response(&format!("/api/teams/{id}/members"))
-            .await,
-        anonymous
-            .post_json(
-                &format!("/api/teams/{id}/members"),
-                &json!({"email": owner.email}),
-            )
+            .post_json(&format!("/api/teams/{id}/members"), &json!({"email": owner.email}))
             .await,
         anonymous
             .delete_response(&format!("/api/teams/{id}/members/{uid}"))
@@ -805,12 +736,7 @@ async fn team_endpoints_require_authentication() {
         response.assert_error(401, "unauthorized");
     }
     // A revoked token is no better than none.
-    owner
-        .client()
-        .post("/api/auth/logout")
-        .send()
-        .await
-        .assert_status(204);
+    owner.client().post("/api/auth/logout").send().await.assert_status(204);
     owner
         .client()
         .get_response("/api/teams")

@@ -43,7 +43,8 @@ pub async fn verify(password: String, hash: String) -> Result<bool, PasswordErro
 
 /// A hash of a random password, verified against when a login names an unknown email so that
 /// the answer takes as long as for a known one.
-pub const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0cWTuqsp8Y1lXRH0YRdgUYL7UdIXVzy3b+6ES7sDb0s";
+pub const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0cWTuqsp8Y1lXRH0YRdgUYL7UdIXVzy3b+6ES7sDb0s";
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::accounts::tokens::{self, TokenKind};
+use crate::accounts::users::UserRow;
 use crate::db::{self, DbError, Pool};
 use crate::http::auth::CredentialSource;
 
@@ -20,6 +21,8 @@ pub struct AuthContext {
     /// member of it, else the personal team.
     pub team_id: Uuid,
     pub source: CredentialSource,
+    /// The caller's account, read in the same query as the session.
+    pub user: UserRow,
 }
 
 /// A new session's token, shown once.
@@ -44,7 +47,10 @@ pub async fn create(
             &[&user_id, &token.hash, &expires_at, &client_ip.map(|ip| ip.to_string())],
         )
         .await?;
-    Ok(IssuedSession { token: token.plain, expires_at })
+    Ok(IssuedSession {
+        token: token.plain,
+        expires_at,
+    })
 }
 
 /// The caller a token belongs to, if it is a live session.
@@ -58,7 +64,8 @@ pub async fn authenticate(pool: &Pool, token: &str) -> Result<Option<AuthContext
             "SELECT s.id, s.user_id,
                     COALESCE((SELECT m.team_id FROM team_members m
                               WHERE m.team_id = s.active_team_id AND m.user_id = s.user_id),
-                             u.personal_team_id)
+                             u.personal_team_id),
+                    u.email, u.name, u.email_verified_at IS NOT NULL, u.personal_team_id, u.created_at
              FROM sessions s JOIN users u ON u.id = s.user_id
              WHERE s.token_hash = $1 AND s.expires_at > now()",
         )
@@ -69,26 +76,41 @@ pub async fn authenticate(pool: &Pool, token: &str) -> Result<Option<AuthContext
         user_id: row.get(1),
         team_id: row.get(2),
         source: CredentialSource::Bearer,
+        user: UserRow {
+            id: row.get(1),
+            email: row.get(3),
+            name: row.get(4),
+            email_verified: row.get(5),
+            personal_team_id: row.get(6),
+            created_at: row.get(7),
+        },
     }))
 }
 
 /// Ends one session (logout).
 pub async fn revoke(pool: &Pool, session_id: Uuid) -> Result<(), DbError> {
     let client = db::connect(pool).await?;
-    client.execute("DELETE FROM sessions WHERE id = $1", &[&session_id]).await?;
+    client
+        .execute("DELETE FROM sessions WHERE id = $1", &[&session_id])
+        .await?;
     Ok(())
 }
 
 /// Ends every session of a user (password reset).
 pub async fn revoke_all(client: &impl deadpool_postgres::GenericClient, user_id: Uuid) -> Result<u64, DbError> {
-    Ok(client.execute("DELETE FROM sessions WHERE user_id = $1", &[&user_id]).await?)
+    Ok(client
+        .execute("DELETE FROM sessions WHERE user_id = $1", &[&user_id])
+        .await?)
 }
 
 /// Makes `team_id` the active team of a session.
 pub async fn set_active_team(pool: &Pool, session_id: Uuid, team_id: Uuid) -> Result<(), DbError> {
     let client = db::connect(pool).await?;
     client
-        .execute("UPDATE sessions SET active_team_id = $2 WHERE id = $1", &[&session_id, &team_id])
+        .execute(
+            "UPDATE sessions SET active_team_id = $2 WHERE id = $1",
+            &[&session_id, &team_id],
+        )
         .await?;
     Ok(())
 }

@@ -48,7 +48,9 @@ pub fn hash(plain: &str) -> Vec<u8> {
 pub fn looks_like(kind: TokenKind, plain: &str) -> bool {
     plain.len() == kind.prefix().len() + 43
         && plain.starts_with(kind.prefix())
-        && plain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && plain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]

@@ -135,9 +135,16 @@ pub async fn register(
         )
         .await?;
     let code = issue_code(&transaction, user.id, TokenKind::VerifyEmail).await?;
-    outbox::enqueue(&transaction, &Mail::verify_email(&user.email, &user.name, public_url, &code)).await?;
+    outbox::enqueue(
+        &transaction,
+        &Mail::verify_email(&user.email, &user.name, public_url, &code),
+    )
+    .await?;
     transaction.commit().await?;
-    let team = TeamRow { member_count: 1, ..team };
+    let team = TeamRow {
+        member_count: 1,
+        ..team
+    };
     Ok(Registered { user, team })
 }
 
@@ -172,7 +179,10 @@ pub async fn login(
 ) -> Result<(IssuedSession, UserRow), LoginError> {
     let client = db::connect(pool).await?;
     let row = client
-        .query_opt(&format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE email = $1"), &[&email])
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE email = $1"),
+            &[&email],
+        )
         .await?;
     let (user, stored_hash) = match &row {
         Some(row) => (Some(user_from_row(row)), row.get::<_, String>(6)),
@@ -191,7 +201,10 @@ pub async fn get(pool: &Pool, user_id: Uuid) -> Result<Option<UserRow>, DbError>
     let statement = client
         .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
         .await?;
-    Ok(client.query_opt(&statement, &[&user_id]).await?.map(|row| user_from_row(&row)))
+    Ok(client
+        .query_opt(&statement, &[&user_id])
+        .await?
+        .map(|row| user_from_row(&row)))
 }
 
 /// Consumes a live code of `purpose` in the transaction; returns its user.
@@ -244,7 +257,11 @@ pub async fn request_password_reset(pool: &Pool, email: &str, public_url: &str) 
     if let Some(row) = row {
         let user = user_from_row(&row);
         let code = issue_code(&transaction, user.id, TokenKind::ResetPassword).await?;
-        outbox::enqueue(&transaction, &Mail::reset_password(&user.email, &user.name, public_url, &code)).await?;
+        outbox::enqueue(
+            &transaction,
+            &Mail::reset_password(&user.email, &user.name, public_url, &code),
+        )
+        .await?;
     }
     transaction.commit().await?;
     Ok(())
@@ -259,7 +276,10 @@ pub async fn reset_password(pool: &Pool, code: &str, new_password: String) -> Re
     let transaction = client.transaction().await?;
     let user_id = consume_code(&transaction, code, TokenKind::ResetPassword, "reset_password").await?;
     transaction
-        .execute("UPDATE users SET password_hash = $2 WHERE id = $1", &[&user_id, &password_hash])
+        .execute(
+            "UPDATE users SET password_hash = $2 WHERE id = $1",
+            &[&user_id, &password_hash],
+        )
         .await?;
     transaction
         .execute(
@@ -283,7 +303,9 @@ pub async fn bootstrap(
 ) -> Result<(UserRow, IssuedSession), RegisterError> {
     let existing = {
         let client = db::connect(pool).await?;
-        client.query_opt("SELECT id FROM users WHERE email = $1", &[&email]).await?
+        client
+            .query_opt("SELECT id FROM users WHERE email = $1", &[&email])
+            .await?
     };
     let user_id = match existing {
         Some(row) => row.get(0),
@@ -291,7 +313,10 @@ pub async fn bootstrap(
             Ok(registered) => registered.user.id,
             Err(RegisterError::EmailTaken(_)) => {
                 let client = db::connect(pool).await?;
-                client.query_one("SELECT id FROM users WHERE email = $1", &[&email]).await?.get(0)
+                client
+                    .query_one("SELECT id FROM users WHERE email = $1", &[&email])
+                    .await?
+                    .get(0)
             }
             Err(err) => return Err(err),
         },
@@ -311,6 +336,8 @@ pub async fn bootstrap(
         )
         .await?;
     let session = sessions::create(&client, user_id, ttl_hours, None).await?;
-    let user = get(pool, user_id).await?.ok_or_else(|| DbError::Unavailable("bootstrap user vanished".into()))?;
+    let user = get(pool, user_id)
+        .await?
+        .ok_or_else(|| DbError::Unavailable("bootstrap user vanished".into()))?;
     Ok((user, session))
 }

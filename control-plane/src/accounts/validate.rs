@@ -43,7 +43,9 @@ pub fn display_name(field: &str, raw: &str) -> Result<String, String> {
     let name = raw.trim();
     let n_chars = name.chars().count();
     if n_chars == 0 || n_chars > 100 || name.chars().any(char::is_control) {
-        return Err(format!("{field} must be 1 to 100 characters without control characters"));
+        return Err(format!(
+            "{field} must be 1 to 100 characters without control characters"
+        ));
     }
     Ok(name.to_string())
 }
@@ -51,7 +53,9 @@ pub fn display_name(field: &str, raw: &str) -> Result<String, String> {
 /// Team slugs are DNS labels: 3 to 30 of `a-z`, `0-9` and `-`, not starting or ending with `-`.
 pub fn slug(raw: &str) -> Result<String, String> {
     let ok = (3..=30).contains(&raw.len())
-        && raw.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !raw.starts_with('-')
         && !raw.ends_with('-');
     if ok {
@@ -114,7 +118,16 @@ mod tests {
 
     #[test]
     fn slugs() {
-        for (raw, ok) in [("abc", true), ("a-b-c", true), ("ab", false), ("-ab", false), ("ab-", false), ("Abc", false), ("a_b", false), (&"a".repeat(31), false)] {
+        for (raw, ok) in [
+            ("abc", true),
+            ("a-b-c", true),
+            ("ab", false),
+            ("-ab", false),
+            ("ab-", false),
+            ("Abc", false),
+            ("a_b", false),
+            (&"a".repeat(31), false),
+        ] {
             assert_eq!(slug(raw).is_ok(), ok, "{raw:?}");
         }
         assert_eq!(slug_from("My Team!"), "my-team");

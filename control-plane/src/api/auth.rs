@@ -139,7 +139,10 @@ pub async fn register(req: &mut Request, depot: &mut Depot) -> Result<Created<Re
     let name = validate::display_name("name", &body.name).map_err(ApiError::validation)?;
     let registered = users::register(&state.db, &email, body.password, &name, &state.config.public_url).await?;
     let team = TeamView::new(registered.team, Some(registered.user.personal_team_id));
-    Ok(Created(RegisterResponse { user: UserView::new(registered.user, None), team }))
+    Ok(Created(RegisterResponse {
+        user: UserView::new(registered.user, None),
+        team,
+    }))
 }
 
 /// Log in
@@ -154,8 +157,16 @@ pub async fn login(req: &mut Request, depot: &mut Depot, res: &mut Response) -> 
     let email = validate::email(&body.email).unwrap_or_default();
     let ip = client_ip(req, &state.config.trusted_proxies);
     let (session, user) = users::login(&state.db, &email, body.password, state.config.session_ttl_hours, ip).await?;
-    res.add_cookie(session_cookie(session.token.clone(), state.config.served_over_https(), Some(session.expires_at)));
-    Ok(Json(LoginResponse { token: session.token, expires_at: session.expires_at, user: UserView::new(user, None) }))
+    res.add_cookie(session_cookie(
+        session.token.clone(),
+        state.config.served_over_https(),
+        Some(session.expires_at),
+    ));
+    Ok(Json(LoginResponse {
+        token: session.token,
+        expires_at: session.expires_at,
+        user: UserView::new(user, None),
+    }))
 }
 
 /// Log out
@@ -172,10 +183,9 @@ pub async fn logout(depot: &mut Depot, res: &mut Response) -> Result<NoContent, 
 /// Get the current user
 #[endpoint(tags("auth"))]
 pub async fn current_user(depot: &mut Depot) -> Result<Json<UserView>, ApiError> {
-    let state = app(depot);
+    // The session lookup already read the account: no second query.
     let me = caller(depot);
-    let user = users::get(&state.db, me.user_id).await?.ok_or_else(ApiError::unauthorized)?;
-    Ok(Json(UserView::new(user, Some(me.team_id))))
+    Ok(Json(UserView::new(me.user.clone(), Some(me.team_id))))
 }
 
 /// Request a password reset
@@ -203,7 +213,9 @@ pub async fn reset_password(req: &mut Request, depot: &mut Depot) -> Result<Json
     let body: ResetPasswordRequest = json::read(req).await?;
     validate::password(&body.password).map_err(ApiError::validation)?;
     users::reset_password(&state.db, body.token.trim(), body.password).await?;
-    Ok(Json(MessageResponse { message: "password changed; every session was signed out".to_string() }))
+    Ok(Json(MessageResponse {
+        message: "password changed; every session was signed out".to_string(),
+    }))
 }
 
 /// Verify the email address with a mailed code

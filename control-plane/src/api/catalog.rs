@@ -105,10 +105,16 @@ pub async fn plans(depot: &mut Depot) -> Result<Json<PlanList>, ApiError> {
 #[endpoint(tags("catalog"))]
 pub async fn regions(depot: &mut Depot) -> Result<Json<RegionList>, ApiError> {
     let client = db::connect(&app(depot).db).await?;
-    let rows = client.query("SELECT id, name, available FROM regions ORDER BY sort_order, id", &[]).await?;
+    let rows = client
+        .query("SELECT id, name, available FROM regions ORDER BY sort_order, id", &[])
+        .await?;
     let list = rows
         .iter()
-        .map(|row| RegionView { id: row.get(0), name: row.get(1), available: row.get(2) })
+        .map(|row| RegionView {
+            id: row.get(0),
+            name: row.get(1),
+            available: row.get(2),
+        })
         .collect();
     Ok(Json(RegionList { regions: list }))
 }
@@ -118,7 +124,10 @@ pub async fn regions(depot: &mut Depot) -> Result<Json<RegionList>, ApiError> {
 pub async fn runtimes(depot: &mut Depot) -> Result<Json<RuntimeList>, ApiError> {
     let client = db::connect(&app(depot).db).await?;
     let rows = client
-        .query("SELECT id, name, version, image, default_command, http_port FROM runtimes ORDER BY sort_order, id", &[])
+        .query(
+            "SELECT id, name, version, image, default_command, http_port FROM runtimes ORDER BY sort_order, id",
+            &[],
+        )
         .await?;
     let list = rows
         .iter()

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod pages;
 pub mod platform;
 pub mod responses;
 pub mod teams;

@@ -75,7 +75,10 @@ pub async fn json_errors(res: &mut Response) {
     let (code, message) = match status {
         StatusCode::NOT_FOUND => ("not_found", "no such endpoint"),
         StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed on this endpoint"),
-        StatusCode::BAD_REQUEST => ("bad_request", "the request could not be understood (check path parameters)"),
+        StatusCode::BAD_REQUEST => (
+            "bad_request",
+            "the request could not be understood (check path parameters)",
+        ),
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "request body too large"),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "unsupported content type"),
         status if status.is_server_error() => ("internal", "internal server error"),

@@ -51,7 +51,11 @@ impl Writer for NoContent {
 #[async_trait]
 impl<T: Serialize + Send> Writer for OkOrCreated<T> {
     async fn write(self, _req: &mut Request, _depot: &mut Depot, res: &mut Response) {
-        res.status_code(if self.created { StatusCode::CREATED } else { StatusCode::OK });
+        res.status_code(if self.created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        });
         res.render(Json(self.body));
     }
 }
@@ -62,13 +66,17 @@ fn json_response<T: ToSchema>(components: &mut Components, description: &str) ->
 
 impl<T: ToSchema + Send> EndpointOutRegister for Created<T> {
     fn register(components: &mut Components, operation: &mut Operation) {
-        operation.responses.insert("201", json_response::<T>(components, "Created"));
+        operation
+            .responses
+            .insert("201", json_response::<T>(components, "Created"));
     }
 }
 
 impl<T: ToSchema + Send> EndpointOutRegister for Accepted<T> {
     fn register(components: &mut Components, operation: &mut Operation) {
-        operation.responses.insert("202", json_response::<T>(components, "Accepted"));
+        operation
+            .responses
+            .insert("202", json_response::<T>(components, "Accepted"));
     }
 }
 
@@ -80,7 +88,11 @@ impl EndpointOutRegister for NoContent {
 
 impl<T: ToSchema + Send> EndpointOutRegister for OkOrCreated<T> {
     fn register(components: &mut Components, operation: &mut Operation) {
-        operation.responses.insert("200", json_response::<T>(components, "Updated"));
-        operation.responses.insert("201", json_response::<T>(components, "Created"));
+        operation
+            .responses
+            .insert("200", json_response::<T>(components, "Updated"));
+        operation
+            .responses
+            .insert("201", json_response::<T>(components, "Created"));
     }
 }

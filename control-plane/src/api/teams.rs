@@ -120,7 +120,9 @@ pub async fn list(depot: &mut Depot) -> Result<Json<TeamList>, ApiError> {
     let state = app(depot);
     let me = caller(depot);
     let rows = teams::list(&state.db, me.user_id).await?;
-    Ok(Json(TeamList { teams: rows.into_iter().map(|t| TeamView::new(t, Some(me.team_id))).collect() }))
+    Ok(Json(TeamList {
+        teams: rows.into_iter().map(|t| TeamView::new(t, Some(me.team_id))).collect(),
+    }))
 }
 
 /// Create a team
@@ -130,7 +132,12 @@ pub async fn create(req: &mut Request, depot: &mut Depot) -> Result<Created<Team
     let me = caller(depot).clone();
     let body: CreateTeamRequest = json::read(req).await?;
     let name = validate::display_name("name", &body.name).map_err(ApiError::validation)?;
-    let slug = body.slug.as_deref().map(validate::slug).transpose().map_err(ApiError::validation)?;
+    let slug = body
+        .slug
+        .as_deref()
+        .map(validate::slug)
+        .transpose()
+        .map_err(ApiError::validation)?;
     let team = teams::create(&state.db, me.user_id, &name, slug.as_deref()).await?;
     Ok(Created(TeamView::new(team, Some(me.team_id))))
 }
@@ -169,7 +176,12 @@ pub async fn update(id: PathParam<Uuid>, req: &mut Request, depot: &mut Depot) -
         .map(|name| validate::display_name("name", name))
         .transpose()
         .map_err(ApiError::validation)?;
-    let slug = body.slug.as_deref().map(validate::slug).transpose().map_err(ApiError::validation)?;
+    let slug = body
+        .slug
+        .as_deref()
+        .map(validate::slug)
+        .transpose()
+        .map_err(ApiError::validation)?;
     let team = teams::update(&state.db, me.user_id, *id, name.as_deref(), slug.as_deref()).await?;
     Ok(Json(TeamView::new(team, Some(me.team_id))))
 }
@@ -189,7 +201,9 @@ pub async fn delete(id: PathParam<Uuid>, depot: &mut Depot) -> Result<NoContent,
 pub async fn members(id: PathParam<Uuid>, depot: &mut Depot) -> Result<Json<MemberList>, ApiError> {
     let state = app(depot);
     let rows = teams::members(&state.db, caller(depot).user_id, *id).await?;
-    Ok(Json(MemberList { members: rows.into_iter().map(MemberView::from).collect() }))
+    Ok(Json(MemberList {
+        members: rows.into_iter().map(MemberView::from).collect(),
+    }))
 }
 
 /// Add a team member, or change a member's role
@@ -197,19 +211,30 @@ pub async fn members(id: PathParam<Uuid>, depot: &mut Depot) -> Result<Json<Memb
 /// Adds an existing account by email (201). Naming an existing member with another role changes
 /// the role (200, owners only). There is no invitation flow yet.
 #[endpoint(tags("teams"), request_body = AddMemberRequest)]
-pub async fn add_member(id: PathParam<Uuid>, req: &mut Request, depot: &mut Depot) -> Result<OkOrCreated<MemberView>, ApiError> {
+pub async fn add_member(
+    id: PathParam<Uuid>,
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<OkOrCreated<MemberView>, ApiError> {
     let state = app(depot).clone();
     let me = caller(depot).clone();
     let body: AddMemberRequest = json::read(req).await?;
     let email = validate::email(&body.email).map_err(ApiError::validation)?;
     let role = body.role.unwrap_or(Role::Member);
     let (outcome, member) = teams::add_member(&state.db, me.user_id, *id, &email, role).await?;
-    Ok(OkOrCreated { created: outcome == AddOutcome::Added, body: member.into() })
+    Ok(OkOrCreated {
+        created: outcome == AddOutcome::Added,
+        body: member.into(),
+    })
 }
 
 /// Remove a team member, or leave the team
 #[endpoint(tags("teams"))]
-pub async fn remove_member(id: PathParam<Uuid>, uid: PathParam<Uuid>, depot: &mut Depot) -> Result<NoContent, ApiError> {
+pub async fn remove_member(
+    id: PathParam<Uuid>,
+    uid: PathParam<Uuid>,
+    depot: &mut Depot,
+) -> Result<NoContent, ApiError> {
     let state = app(depot);
     teams::remove_member(&state.db, caller(depot).user_id, *id, *uid).await?;
     Ok(NoContent)

@@ -52,7 +52,11 @@ fn origin_of(url: &str) -> Option<String> {
     if authority.is_empty() {
         return None;
     }
-    Some(format!("{}://{}", scheme.to_ascii_lowercase(), authority.to_ascii_lowercase()))
+    Some(format!(
+        "{}://{}",
+        scheme.to_ascii_lowercase(),
+        authority.to_ascii_lowercase()
+    ))
 }
 
 /// Whether `origin` (an `Origin` value or a `Referer`'s origin) is ours: the configured public
@@ -66,7 +70,10 @@ fn is_our_origin(req: &Request, public_url: &str, origin: &str) -> bool {
     }
     // The same host reached under another name (localhost vs 127.0.0.1): the origin must be
     // the request's `Host` under the scheme we are served with.
-    let scheme = public_url.split_once("://").map_or("http", |(scheme, _)| scheme).to_ascii_lowercase();
+    let scheme = public_url
+        .split_once("://")
+        .map_or("http", |(scheme, _)| scheme)
+        .to_ascii_lowercase();
     let host = req
         .headers()
         .get("host")
@@ -90,7 +97,11 @@ pub async fn same_origin(req: &mut Request, depot: &mut Depot, res: &mut Respons
         return;
     }
     let public_url = app(depot).config.public_url.clone();
-    let origin = req.headers().get("origin").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let origin = req
+        .headers()
+        .get("origin")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     // `Origin: null` (sandboxed frames, some redirects) is foreign too.
     if let Some(origin) = origin
         && !is_our_origin(req, &public_url, &origin)
@@ -137,7 +148,9 @@ async fn authenticate(req: &Request, depot: &Depot) -> Result<AuthContext, ApiEr
 
 /// The authenticated caller; only call behind [`require_auth`].
 pub fn caller(depot: &Depot) -> &AuthContext {
-    depot.get_typed::<AuthContext>().expect("require_auth runs before every authenticated handler")
+    depot
+        .get_typed::<AuthContext>()
+        .expect("require_auth runs before every authenticated handler")
 }
 
 #[cfg(test)]
@@ -146,7 +159,10 @@ mod tests {
 
     #[test]
     fn origins() {
-        assert_eq!(origin_of("HTTP://Example.com:8080/path?q").as_deref(), Some("http://example.com:8080"));
+        assert_eq!(
+            origin_of("HTTP://Example.com:8080/path?q").as_deref(),
+            Some("http://example.com:8080")
+        );
         assert_eq!(origin_of("https://a.b").as_deref(), Some("https://a.b"));
         assert_eq!(origin_of("null"), None);
         assert_eq!(origin_of("http:///x"), None);

@@ -2,8 +2,8 @@
 //! most [`MAX_JSON_BODY`] bytes (413), unknown fields refused (the request types say
 //! `deny_unknown_fields`), and parse errors answered as 400 `invalid_json` naming the problem.
 
-use salvo::http::StatusCode;
 use salvo::http::ParseError;
+use salvo::http::StatusCode;
 use salvo::prelude::*;
 use serde::de::DeserializeOwned;
 
@@ -32,7 +32,13 @@ pub async fn read<T: DeserializeOwned>(req: &mut Request) -> Result<T, ApiError>
                 format!("request body must be at most {MAX_JSON_BODY} bytes"),
             ));
         }
-        Err(err) => return Err(ApiError::bad_request("invalid_body", format!("cannot read request body: {err}"))),
+        Err(err) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                format!("cannot read request body: {err}"),
+            ));
+        }
     };
-    serde_json::from_slice(body).map_err(|err| ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}")))
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::bad_request("invalid_json", format!("invalid JSON body: {err}")))
 }

@@ -3,9 +3,9 @@
 
 use salvo::affix_state;
 use salvo::catcher::Catcher;
+use salvo::oapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme};
 use salvo::oapi::swagger_ui::SwaggerUi;
 use salvo::oapi::{OpenApi, SecurityScheme};
-use salvo::oapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme};
 use salvo::prelude::*;
 
 use crate::api;
@@ -28,7 +28,11 @@ fn api_router() -> Router {
         .hoop(auth::require_auth)
         .push(Router::with_path("auth/logout").post(api::auth::logout))
         .push(Router::with_path("auth/user").get(api::auth::current_user))
-        .push(Router::with_path("teams").get(api::teams::list).post(api::teams::create))
+        .push(
+            Router::with_path("teams")
+                .get(api::teams::list)
+                .post(api::teams::create),
+        )
         .push(Router::with_path("teams/switch").post(api::teams::switch))
         .push(
             Router::with_path("teams/{id}")
@@ -46,7 +50,18 @@ fn api_router() -> Router {
 }
 
 fn platform_router() -> Router {
-    Router::new()
+    let mut router = Router::new();
+    for path in [
+        "",
+        "login",
+        "register",
+        "verify-email",
+        "forgot-password",
+        "reset-password",
+    ] {
+        router = router.push(Router::with_path(path).get(api::pages::account_page));
+    }
+    router
         .push(Router::with_path("healthz").get(api::platform::healthz))
         .push(Router::with_path("readyz").get(api::platform::readyz))
         .push(Router::with_path("metrics").get(api::platform::metrics))

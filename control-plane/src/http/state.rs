@@ -19,5 +19,7 @@ pub struct AppState {
 
 /// The state, which the router always injects.
 pub fn app(depot: &Depot) -> &AppState {
-    depot.get_typed::<AppState>().expect("AppState is injected by the router")
+    depot
+        .get_typed::<AppState>()
+        .expect("AppState is injected by the router")
 }

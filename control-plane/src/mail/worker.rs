@@ -30,7 +30,9 @@ pub struct MailWorker {
 
 impl std::fmt::Debug for MailWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MailWorker").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("MailWorker")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -52,10 +54,9 @@ impl MailWorker {
         let transport = if url.is_empty() {
             Transport::Log
         } else {
-            let url = url.strip_prefix("smtp+starttls://").map_or_else(
-                || url.to_string(),
-                |rest| format!("smtp://{rest}?tls=required"),
-            );
+            let url = url
+                .strip_prefix("smtp+starttls://")
+                .map_or_else(|| url.to_string(), |rest| format!("smtp://{rest}?tls=required"));
             Transport::Smtp(
                 AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)
                     .map_err(|err| anyhow::anyhow!("mail.smtp_url is invalid: {err}"))?
@@ -63,13 +64,22 @@ impl MailWorker {
                     .build(),
             )
         };
-        Ok(MailWorker { pool, config, transport, from })
+        Ok(MailWorker {
+            pool,
+            config,
+            transport,
+            from,
+        })
     }
 
     /// Runs until `shutdown` flips to true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let interval = Duration::from_millis(self.config.poll_interval_ms.max(50));
-        tracing::info!(worker = "mail", smtp = matches!(self.transport, Transport::Smtp(_)), "worker started");
+        tracing::info!(
+            worker = "mail",
+            smtp = matches!(self.transport, Transport::Smtp(_)),
+            "worker started"
+        );
         loop {
             match self.deliver_due().await {
                 Ok(n) if n > 0 => continue,
@@ -132,11 +142,20 @@ impl MailWorker {
     async fn deliver(&self, kind: &str, to: &str, subject: &str, body: &str) -> Result<(), DeliverError> {
         match &self.transport {
             Transport::Log => {
-                tracing::info!(worker = "mail", kind, to, subject, body, "mail (SMTP not configured, logged instead)");
+                tracing::info!(
+                    worker = "mail",
+                    kind,
+                    to,
+                    subject,
+                    body,
+                    "mail (SMTP not configured, logged instead)"
+                );
                 Ok(())
             }
             Transport::Smtp(smtp) => {
-                let to: Mailbox = to.parse().map_err(|err| DeliverError::Build(format!("recipient {to:?}: {err}")))?;
+                let to: Mailbox = to
+                    .parse()
+                    .map_err(|err| DeliverError::Build(format!("recipient {to:?}: {err}")))?;
                 let message = Message::builder()
                     .from(self.from.clone())
                     .to(to)
