@@ -74,6 +74,22 @@ if wait < 1 then wait = 1 end
 return wait
 ";
 
+/// The address a client is counted under: IPv4 addresses as they are, IPv6 addresses by their
+/// /64 prefix, since one subscriber usually holds a whole /64 and could rotate through it.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
+    }
+}
+
 /// The Redis-backed limiter; cheap to clone.
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -111,7 +127,7 @@ impl RateLimiter {
 
     /// Counts one request of `ip` against `rule`.
     pub async fn check(&self, rule: Rule, ip: IpAddr) -> Result<(), RateLimitError> {
-        let key = format!("instapod:ratelimit:{}:{ip}", rule.name);
+        let key = format!("instapod:ratelimit:{}:{}", rule.name, bucket(ip));
         let member: u64 = rand::random();
         let mut connection = self.connection.clone();
         let mut invocation = self.script.key(key);
@@ -141,6 +157,24 @@ impl RateLimiter {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(err)) => Err(err.to_string()),
             Err(_) => Err("redis did not answer in time".to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets() {
+        for (ip, expected) in [
+            ("192.0.2.7", "192.0.2.7"),
+            ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::"),
+            ("2001:db8:1:2:ffff::1", "2001:db8:1:2::"),
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(bucket(ip), expected.parse::<IpAddr>().expect("ip"), "{ip}");
         }
     }
 }

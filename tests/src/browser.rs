@@ -22,7 +22,7 @@ use std::net::TcpStream;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use fantoccini::elements::Element;
@@ -53,7 +53,7 @@ pub struct Driver {
     port: u16,
     log_path: PathBuf,
     /// Held for the life of the test binary; the watchdog stops the process at exit.
-    _child: Mutex<Child>,
+    _child: Child,
 }
 
 /// The chromedriver of this test binary, started on first use. Panics when Chromium or
@@ -68,8 +68,9 @@ impl Driver {
         if !process::is_executable(Path::new(CHROMIUM)) {
             panic!("{CHROMIUM} not found: the browser tests need Chromium; {INSTALL_HINT}");
         }
-        let binary = process::find_in_path("chromedriver")
-            .unwrap_or_else(|| panic!("`chromedriver` not found in PATH: the browser tests need it; {INSTALL_HINT}"));
+        let Some(binary) = process::find_in_path("chromedriver") else {
+            panic!("`chromedriver` not found in PATH: the browser tests need it; {INSTALL_HINT}");
+        };
         let dir = process::temp_dir("chromedriver");
         let home = dir.join("home");
         for sub in ["", ".config", ".cache", ".local/share"] {
@@ -99,7 +100,7 @@ impl Driver {
                     return Driver {
                         port,
                         log_path,
-                        _child: Mutex::new(child),
+                        _child: child,
                     };
                 }
                 Err(problem) => {
