@@ -11,6 +11,7 @@ pub mod mail;
 pub mod maintenance;
 pub mod migrate;
 pub mod ratelimit;
+pub mod shared_client;
 pub mod teams;
 
 use std::sync::Arc;
@@ -78,9 +79,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = db::create_pool(&config)?;
     let rate_limiter = ratelimit::RateLimiter::new(&config)?;
     let config = Arc::new(config);
+    let session_lookup = Arc::new(accounts::sessions::lookup_query(&config));
     let state = AppState {
         config: config.clone(),
         db: db.clone(),
+        session_lookup,
         rate_limiter,
         metrics: metrics.clone(),
     };

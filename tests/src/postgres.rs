@@ -20,8 +20,10 @@ use crate::process::{self, StopSignal};
 #[derive(Debug)]
 pub struct PostgresServer {
     port: u16,
+    /// The temporary directory: socket, logs, and `data/`.
+    dir: PathBuf,
     data_dir: PathBuf,
-    log_path: PathBuf,
+    log_path: Mutex<PathBuf>,
     child: Mutex<Option<Child>>,
 }
 
@@ -136,43 +138,40 @@ impl PostgresServer {
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = process::free_port();
-            let log_path = dir.join(format!("postgres-{port}.log"));
-            let (stdout, stderr) = process::log_file_stdio(&log_path);
-            let mut postgres = Command::new(bin.join("postgres"));
-            postgres
-                .arg("-D")
-                .arg(&data_dir)
-                .arg("-p")
-                .arg(port.to_string())
-                .arg("-k")
-                .arg(&dir)
-                .args(["-c", "listen_addresses=127.0.0.1"])
-                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-                .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr);
-            as_postgres_user(&mut postgres, &dir);
-            let mut child = postgres
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot start {}: {err}", bin.join("postgres").display()));
-            process::register_child(&child, StopSignal::Quit);
-            match wait_ready(&data_dir, &mut child, Duration::from_secs(60)) {
-                Ok(()) => {
+            match spawn_server(&dir, &data_dir, port) {
+                Ok((child, log_path)) => {
                     return PostgresServer {
                         port,
+                        dir,
                         data_dir,
-                        log_path,
+                        log_path: Mutex::new(log_path),
                         child: Mutex::new(Some(child)),
                     };
                 }
-                Err(problem) => {
-                    process::kill_and_reap(&mut child);
-                    last_error = format!("{problem}\n{}", process::log_tail(&log_path, 50));
-                }
+                Err(problem) => last_error = problem,
             }
         }
         panic!("Postgres did not start: {last_error}");
+    }
+
+    /// Starts the server again on the same port and data directory after [`stop`](Self::stop)
+    /// (an outage that ends). Retries while the killed server's backends are still exiting.
+    pub fn restart(&self) {
+        let mut last_error = String::new();
+        for _ in 0..20 {
+            match spawn_server(&self.dir, &self.data_dir, self.port) {
+                Ok((child, log_path)) => {
+                    *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+                    *self.log_path.lock().unwrap_or_else(|p| p.into_inner()) = log_path;
+                    return;
+                }
+                Err(problem) => {
+                    last_error = problem;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        panic!("Postgres did not restart on port {}: {last_error}", self.port);
     }
 
     /// The TCP port on 127.0.0.1.
@@ -187,7 +186,7 @@ impl PostgresServer {
 
     /// The last lines of the server log.
     pub fn log_tail(&self) -> String {
-        process::log_tail(&self.log_path, 50)
+        process::log_tail(&self.log_path.lock().unwrap_or_else(|p| p.into_inner()), 50)
     }
 
     /// Creates a database with a random name `cp_<hex>` and returns the name.
@@ -223,6 +222,40 @@ impl PostgresServer {
 impl Drop for PostgresServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Spawns `postgres` on `port` and waits until it accepts connections; the error carries the
+/// log's tail.
+fn spawn_server(dir: &Path, data_dir: &Path, port: u16) -> Result<(Child, PathBuf), String> {
+    let bin = postgres_bin_dir();
+    let log_path = dir.join(format!("postgres-{port}-{}.log", crate::ids::random_suffix()));
+    let (stdout, stderr) = process::log_file_stdio(&log_path);
+    let mut postgres = Command::new(bin.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(data_dir)
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-k")
+        .arg(dir)
+        .args(["-c", "listen_addresses=127.0.0.1"])
+        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    as_postgres_user(&mut postgres, dir);
+    let mut child = postgres
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", bin.join("postgres").display()));
+    process::register_child(&child, StopSignal::Quit);
+    match wait_ready(data_dir, &mut child, Duration::from_secs(60)) {
+        Ok(()) => Ok((child, log_path)),
+        Err(problem) => {
+            process::kill_and_reap(&mut child);
+            Err(format!("{problem}\n{}", process::log_tail(&log_path, 50)))
+        }
     }
 }
 

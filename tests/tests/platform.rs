@@ -210,6 +210,9 @@ async fn postgres_down_answers_database_unavailable() {
     let user = register_and_login(&cp).await;
     user.client().get_response("/api/teams").await.assert_status(200);
 
+    // This cluster runs with synchronous_commit=off: flush the login to disk first, or the
+    // kill below may lose it and the token would rightly be unknown after the restart.
+    pg.connect("postgres").await.batch_execute("CHECKPOINT").await.expect("checkpoint");
     pg.stop();
 
     let client = user.client();
@@ -245,4 +248,19 @@ async fn postgres_down_answers_database_unavailable() {
     assert_ne!(body["postgres"], "ok", "{body}");
     assert_eq!(body["redis"], "ok", "{body}");
     cp.client().get_response("/healthz").await.assert_status(200);
+
+    // The outage ends: the same token works again without restarting the control plane (the
+    // pool and the shared session-lookup connections reconnect).
+    pg.restart();
+    eventually(Duration::from_secs(30), "the same token works again", || async move {
+        let response = client.get_response("/api/auth/user").await;
+        if response.status == 200 {
+            Ok(())
+        } else {
+            Err(anyhow!("answered {}: {}", response.status, response.text()))
+        }
+    })
+    .await;
+    client.get_response("/api/teams").await.assert_status(200);
+    cp.client().get_response("/readyz").await.assert_status(200);
 }

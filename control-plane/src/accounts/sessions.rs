@@ -3,14 +3,17 @@
 //! replica; nothing about a session lives in process memory.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::accounts::tokens::{self, TokenKind};
 use crate::accounts::users::UserRow;
+use crate::config::Config;
 use crate::db::{self, DbError, Pool};
 use crate::http::auth::CredentialSource;
+use crate::shared_client::SharedQuery;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
@@ -53,24 +56,30 @@ pub async fn create(
     })
 }
 
+const LOOKUP_SQL: &str = "SELECT s.id, s.user_id,
+        COALESCE((SELECT m.team_id FROM team_members m
+                  WHERE m.team_id = s.active_team_id AND m.user_id = s.user_id),
+                 u.personal_team_id),
+        u.email, u.name, u.email_verified_at IS NOT NULL, u.personal_team_id, u.created_at
+ FROM sessions s JOIN users u ON u.id = s.user_id
+ WHERE s.token_hash = $1 AND s.expires_at > now()";
+
+/// The shared, pipelined query [`authenticate`] runs.
+pub fn lookup_query(config: &Config) -> SharedQuery {
+    SharedQuery::new(
+        config.database_url.expose().to_string(),
+        LOOKUP_SQL,
+        2,
+        Duration::from_secs(config.database_timeout_secs),
+    )
+}
+
 /// The caller a token belongs to, if it is a live session.
-pub async fn authenticate(pool: &Pool, token: &str) -> Result<Option<AuthContext>, DbError> {
+pub async fn authenticate(lookup: &SharedQuery, token: &str) -> Result<Option<AuthContext>, DbError> {
     if !tokens::looks_like(TokenKind::Session, token) {
         return Ok(None);
     }
-    let client = db::connect(pool).await?;
-    let statement = client
-        .prepare_cached(
-            "SELECT s.id, s.user_id,
-                    COALESCE((SELECT m.team_id FROM team_members m
-                              WHERE m.team_id = s.active_team_id AND m.user_id = s.user_id),
-                             u.personal_team_id),
-                    u.email, u.name, u.email_verified_at IS NOT NULL, u.personal_team_id, u.created_at
-             FROM sessions s JOIN users u ON u.id = s.user_id
-             WHERE s.token_hash = $1 AND s.expires_at > now()",
-        )
-        .await?;
-    let row = client.query_opt(&statement, &[&tokens::hash(token)]).await?;
+    let row = lookup.query_opt(&[&tokens::hash(token)]).await?;
     Ok(row.map(|row| AuthContext {
         session_id: row.get(0),
         user_id: row.get(1),

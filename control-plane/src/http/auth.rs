@@ -139,7 +139,7 @@ async fn authenticate(req: &Request, depot: &Depot) -> Result<AuthContext, ApiEr
             _ => return Err(cross_origin()),
         }
     }
-    let mut context = sessions::authenticate(&state.db, &token)
+    let mut context = sessions::authenticate(&state.session_lookup, &token)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
     context.source = source;
