@@ -212,7 +212,11 @@ async fn postgres_down_answers_database_unavailable() {
 
     // This cluster runs with synchronous_commit=off: flush the login to disk first, or the
     // kill below may lose it and the token would rightly be unknown after the restart.
-    pg.connect("postgres").await.batch_execute("CHECKPOINT").await.expect("checkpoint");
+    pg.connect("postgres")
+        .await
+        .batch_execute("CHECKPOINT")
+        .await
+        .expect("checkpoint");
     pg.stop();
 
     let client = user.client();
