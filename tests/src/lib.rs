@@ -7,6 +7,10 @@
 //! parallel threads, so each test invents its own emails, slugs and client IP addresses
 //! ([`ids`]).
 //!
+//! For the node agent, a binary can likewise share a private containerd ([`containerd::shared`],
+//! root only, its own socket) and a private OCI registry ([`registry::shared`]), and build tiny
+//! busybox images to push or import ([`images`]).
+//!
 //! *Design.* Services and control planes are real child processes. They are stopped by `Drop`
 //! when a test ends, and by a watchdog ([`process`]) when the test binary itself exits, since a
 //! `Drop` on a static never runs at exit. Missing binaries make the harness panic with a message
@@ -19,23 +23,29 @@
 pub mod browser;
 pub mod checks;
 pub mod client;
+pub mod containerd;
 pub mod control_plane;
 pub mod eventually;
 pub mod ids;
+pub mod images;
 pub mod mail;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod registry;
 pub mod smtp;
 pub mod users;
 
 pub use browser::{Browser, StaticPage};
 pub use client::{Client, Response};
+pub use containerd::Containerd;
 pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use eventually::eventually;
+pub use images::{ImageBuilder, OciImage};
 pub use mail::MailKind;
 pub use postgres::PostgresServer;
 pub use redis::RedisServer;
+pub use registry::Registry;
 pub use smtp::SmtpSink;
 pub use users::{
     Registration, TestUser, login, register_and_login, register_and_login_as, register_user, string_field, verify_email,
