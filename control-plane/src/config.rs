@@ -24,6 +24,10 @@ pub struct Config {
     pub database_pool_size: usize,
     /// Seconds to wait for a pooled connection before answering 503. Default 5.
     pub database_timeout_secs: u64,
+    /// Long-lived connections, besides the pool, that every authenticated request's session
+    /// lookup shares (queries are pipelined on them). Default 1, best on a 2-core host; raise it
+    /// when one Postgres backend becomes the bottleneck.
+    pub session_lookup_connections: usize,
     /// Redis connection URL (rate-limit counters; job queues in later versions).
     /// Default `redis://127.0.0.1:6379`.
     pub redis_url: Secret,
@@ -66,6 +70,7 @@ impl Default for Config {
             database_url: Secret::new("postgres://postgres@127.0.0.1:5432/instapod"),
             database_pool_size: 16,
             database_timeout_secs: 5,
+            session_lookup_connections: 1,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             redis_timeout_ms: 1000,
             trusted_proxies: Vec::new(),
@@ -103,6 +108,9 @@ impl Config {
         }
         if self.database_pool_size == 0 {
             problems.push("database_pool_size must be at least 1".to_string());
+        }
+        if self.session_lookup_connections == 0 {
+            problems.push("session_lookup_connections must be at least 1".to_string());
         }
         if self.session_ttl_hours == 0 {
             problems.push("session_ttl_hours must be at least 1".to_string());

@@ -437,6 +437,33 @@ pub async fn remove_member(pool: &Pool, caller_id: Uuid, team_id: Uuid, target_i
             &[&team_id, &target_id],
         )
         .await?;
+    // Sessions that had this team active fall back to the personal team (see `sessions`).
+    transaction
+        .execute(
+            "UPDATE sessions SET active_team_id = NULL WHERE user_id = $1 AND active_team_id = $2",
+            &[&target_id, &team_id],
+        )
+        .await?;
     transaction.commit().await?;
     Ok(())
+}
+
+/// Makes `team_id` the active team of a session, if the user is a member. Holds the team's row
+/// lock (shared) so a concurrent removal of the member either happens first (then 404) or waits
+/// and clears the choice again.
+pub async fn switch_active(pool: &Pool, user_id: Uuid, session_id: Uuid, team_id: Uuid) -> Result<TeamRow, TeamError> {
+    let mut client = db::connect(pool).await?;
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("SELECT 1 FROM teams WHERE id = $1 FOR SHARE", &[&team_id])
+        .await?;
+    let team = get(&transaction, user_id, team_id).await?;
+    transaction
+        .execute(
+            "UPDATE sessions SET active_team_id = $2 WHERE id = $1",
+            &[&session_id, &team_id],
+        )
+        .await?;
+    transaction.commit().await?;
+    Ok(team)
 }

@@ -56,10 +56,11 @@ pub async fn create(
     })
 }
 
-const LOOKUP_SQL: &str = "SELECT s.id, s.user_id,
-        COALESCE((SELECT m.team_id FROM team_members m
-                  WHERE m.team_id = s.active_team_id AND m.user_id = s.user_id),
-                 u.personal_team_id),
+/// One join of two index lookups: the cheapest plan Postgres can run on every request. The
+/// active team needs no membership check here because `sessions.active_team_id` never names a
+/// team the user has left: switching takes the team's row lock and checks membership, removal
+/// takes the same lock and clears the column, and deleting the team nulls it by foreign key.
+const LOOKUP_SQL: &str = "SELECT s.id, s.user_id, COALESCE(s.active_team_id, u.personal_team_id),
         u.email, u.name, u.email_verified_at IS NOT NULL, u.personal_team_id, u.created_at
  FROM sessions s JOIN users u ON u.id = s.user_id
  WHERE s.token_hash = $1 AND s.expires_at > now()";
@@ -69,7 +70,7 @@ pub fn lookup_query(config: &Config) -> SharedQuery {
     SharedQuery::new(
         config.database_url.expose().to_string(),
         LOOKUP_SQL,
-        2,
+        config.session_lookup_connections,
         Duration::from_secs(config.database_timeout_secs),
     )
 }
@@ -110,16 +111,4 @@ pub async fn revoke_all(client: &impl deadpool_postgres::GenericClient, user_id:
     Ok(client
         .execute("DELETE FROM sessions WHERE user_id = $1", &[&user_id])
         .await?)
-}
-
-/// Makes `team_id` the active team of a session.
-pub async fn set_active_team(pool: &Pool, session_id: Uuid, team_id: Uuid) -> Result<(), DbError> {
-    let client = db::connect(pool).await?;
-    client
-        .execute(
-            "UPDATE sessions SET active_team_id = $2 WHERE id = $1",
-            &[&session_id, &team_id],
-        )
-        .await?;
-    Ok(())
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::accounts::{sessions, validate};
+use crate::accounts::validate;
 use crate::api::responses::{Created, NoContent, OkOrCreated};
 use crate::error::ApiError;
 use crate::http::auth::caller;
@@ -150,8 +150,7 @@ pub async fn switch(req: &mut Request, depot: &mut Depot) -> Result<Json<TeamVie
     let state = app(depot).clone();
     let me = caller(depot).clone();
     let body: SwitchTeamRequest = json::read(req).await?;
-    let team = teams::get_pooled(&state.db, me.user_id, body.team_id).await?;
-    sessions::set_active_team(&state.db, me.session_id, team.id).await?;
+    let team = teams::switch_active(&state.db, me.user_id, me.session_id, body.team_id).await?;
     Ok(Json(TeamView::new(team, Some(body.team_id))))
 }
 
