@@ -19,6 +19,10 @@ pub enum DbError {
     /// The query itself failed.
     #[error("database query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// A query shared by a batch of requests failed (not for lack of a connection); every
+    /// request of the batch gets its message.
+    #[error("batched database query failed: {0}")]
+    BatchFailed(String),
 }
 
 impl DbError {
@@ -26,7 +30,7 @@ impl DbError {
     pub fn sql_state(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {
             DbError::Query(err) => err.code(),
-            DbError::Unavailable(_) => None,
+            DbError::Unavailable(_) | DbError::BatchFailed(_) => None,
         }
     }
 
@@ -34,6 +38,7 @@ impl DbError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             DbError::Unavailable(_) => true,
+            DbError::BatchFailed(_) => false,
             DbError::Query(err) => err.is_closed() || err.code().is_none() && err.as_db_error().is_none(),
         }
     }

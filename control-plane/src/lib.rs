@@ -79,7 +79,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = db::create_pool(&config)?;
     let rate_limiter = ratelimit::RateLimiter::new(&config)?;
     let config = Arc::new(config);
-    let session_lookup = Arc::new(accounts::sessions::lookup_query(&config));
+    let session_lookup = accounts::sessions::SessionLookup::start(&config);
     let state = AppState {
         config: config.clone(),
         db: db.clone(),

@@ -50,16 +50,16 @@ impl SharedQuery {
         }
     }
 
-    /// Runs the query with `params`; at most one row is expected.
-    pub async fn query_opt(
+    /// Runs the query with `params` and returns every row.
+    pub async fn query(
         &self,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Option<tokio_postgres::Row>, DbError> {
+    ) -> Result<Vec<tokio_postgres::Row>, DbError> {
         let slot_idx = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let prepared = self.connection(slot_idx).await?;
-        let query = prepared.client.query_opt(&prepared.statement, params);
+        let query = prepared.client.query(&prepared.statement, params);
         match tokio::time::timeout(self.timeout, query).await {
-            Ok(Ok(row)) => Ok(row),
+            Ok(Ok(rows)) => Ok(rows),
             Ok(Err(err)) => {
                 if prepared.client.is_closed() {
                     self.forget(slot_idx, &prepared);

@@ -395,3 +395,42 @@ async fn login_from_a_foreign_origin_is_refused() {
     response.assert_error(403, "cross_origin_request");
     assert!(response.set_cookie("instapod_session").is_none());
 }
+
+/// Session lookups of concurrent requests are batched into one query: each request must still
+/// get its own caller, repeated tokens in one batch included, and a token revoked while others
+/// are in flight must be refused from then on.
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_caller() {
+    let cp = ControlPlane::start_default().await;
+    let alice = instapod_tests::register_and_login(&cp).await;
+    let bob = instapod_tests::register_and_login(&cp).await;
+    let mut requests = Vec::new();
+    for i in 0..120 {
+        let user = if i % 3 == 0 { &bob } else { &alice };
+        let client = user.client();
+        let expected = user.email.clone();
+        requests.push(tokio::spawn(async move {
+            let me = client.get_response("/api/auth/user").await.json_with_status(200);
+            assert_eq!(me["email"], expected.as_str(), "{me}");
+        }));
+    }
+    for request in requests {
+        request.await.expect("request task");
+    }
+
+    alice.client().post("/api/auth/logout").send().await.assert_status(204);
+    let mut requests = Vec::new();
+    for i in 0..60 {
+        let (client, status) = if i % 2 == 0 {
+            (alice.client(), 401)
+        } else {
+            (bob.client(), 200)
+        };
+        requests.push(tokio::spawn(async move {
+            client.get_response("/api/auth/user").await.assert_status(status);
+        }));
+    }
+    for request in requests {
+        request.await.expect("request task");
+    }
+}

@@ -13,7 +13,7 @@ use salvo::http::Method;
 use salvo::http::StatusCode;
 use salvo::prelude::*;
 
-use crate::accounts::sessions::{self, AuthContext};
+use crate::accounts::sessions::AuthContext;
 use crate::error::ApiError;
 use crate::http::state::app;
 
@@ -139,7 +139,9 @@ async fn authenticate(req: &Request, depot: &Depot) -> Result<AuthContext, ApiEr
             _ => return Err(cross_origin()),
         }
     }
-    let mut context = sessions::authenticate(&state.session_lookup, &token)
+    let mut context = state
+        .session_lookup
+        .authenticate(&token)
         .await?
         .ok_or_else(ApiError::unauthorized)?;
     context.source = source;

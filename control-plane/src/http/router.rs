@@ -50,15 +50,8 @@ fn api_router() -> Router {
 }
 
 fn platform_router() -> Router {
-    let mut router = Router::new();
-    for path in [
-        "",
-        "login",
-        "register",
-        "verify-email",
-        "forgot-password",
-        "reset-password",
-    ] {
+    let mut router = Router::new().get(api::pages::account_page);
+    for path in ["login", "register", "verify-email", "forgot-password", "reset-password"] {
         router = router.push(Router::with_path(path).get(api::pages::account_page));
     }
     router

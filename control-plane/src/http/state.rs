@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use salvo::Depot;
 
+use crate::accounts::sessions::SessionLookup;
 use crate::config::Config;
 use crate::db::Pool;
 use crate::ratelimit::RateLimiter;
-use crate::shared_client::SharedQuery;
 
 /// The control plane's shared state; cheap to clone.
 #[derive(Clone, Debug)]
@@ -15,7 +15,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub db: Pool,
     /// The session lookup run by every authenticated request, on shared pipelined connections.
-    pub session_lookup: Arc<SharedQuery>,
+    pub session_lookup: SessionLookup,
     pub rate_limiter: RateLimiter,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
