@@ -17,11 +17,11 @@
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use crate::process::{self, StopSignal};
+use crate::process::{self, ServiceProcess, StopSignal};
 
 /// The containerd namespace the harness's own checks use.
 pub const TEST_NAMESPACE: &str = "instapod-test";
@@ -40,8 +40,7 @@ const DISABLED_PLUGINS: &[&str] = &[
 pub struct Containerd {
     dir: PathBuf,
     socket: PathBuf,
-    log_path: PathBuf,
-    child: Mutex<Option<Child>>,
+    process: ServiceProcess,
 }
 
 /// The containerd shared by every test of this binary, started on first use.
@@ -157,7 +156,9 @@ impl Containerd {
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
         process::register_child(&child, StopSignal::Kill);
-        if let Err(problem) = wait_ready(&socket, &mut child, Duration::from_secs(30)) {
+        if let Err(problem) = process::wait_ready("containerd", &mut child, Duration::from_secs(30), || {
+            UnixStream::connect(&socket).is_ok()
+        }) {
             process::kill_and_reap(&mut child);
             panic!(
                 "containerd did not start: {problem}\n{}",
@@ -167,8 +168,7 @@ impl Containerd {
         Containerd {
             dir,
             socket,
-            log_path,
-            child: Mutex::new(Some(child)),
+            process: ServiceProcess::new(child, log_path),
         }
     }
 
@@ -200,39 +200,11 @@ impl Containerd {
 
     /// The last lines of the daemon's log.
     pub fn log_tail(&self) -> String {
-        process::log_tail(&self.log_path, 50)
+        self.process.log_tail()
     }
 
     /// Stops the daemon immediately (SIGKILL).
     pub fn stop(&self) {
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(mut child) = child.take() {
-            process::kill_and_reap(&mut child);
-        }
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn wait_ready(socket: &Path, child: &mut Child, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("containerd exited early ({status})"));
-        }
-        if UnixStream::connect(socket).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{} not accepting connections after {timeout:?}",
-                socket.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        self.process.stop();
     }
 }

@@ -22,6 +22,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The watchdog's script. It receives the directory to remove as `$1`.
 const WATCHDOG_SCRIPT: &str = r#"
@@ -196,5 +197,63 @@ pub fn clear_instapod_env(command: &mut Command) {
         if key.to_string_lossy().starts_with("INSTAPOD_") {
             command.env_remove(key);
         }
+    }
+}
+
+/// A service process the harness started: killed on [`stop`](Self::stop) or drop, with its log.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: Mutex<Option<Child>>,
+    log_path: PathBuf,
+}
+
+impl ServiceProcess {
+    pub fn new(child: Child, log_path: PathBuf) -> Self {
+        ServiceProcess {
+            child: Mutex::new(Some(child)),
+            log_path,
+        }
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path, 50)
+    }
+
+    /// Stops it immediately (SIGKILL); later connections are refused.
+    pub fn stop(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut child) = child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `ready` every 50 ms until it holds. Fails when `child` exits first or `timeout` passes;
+/// `what` names the service in the message.
+pub fn wait_ready(
+    what: &str,
+    child: &mut Child,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} exited early ({status})"));
+        }
+        if ready() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} not ready after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

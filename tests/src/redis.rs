@@ -7,13 +7,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::process::{self, StopSignal};
+use crate::process::{self, ServiceProcess, StopSignal};
 
 /// How many logical databases each server has.
 const DATABASES: u32 = 1024;
@@ -22,9 +21,8 @@ const DATABASES: u32 = 1024;
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
-    log_path: PathBuf,
     next_database: AtomicU32,
-    child: Mutex<Option<Child>>,
+    process: ServiceProcess,
 }
 
 /// The server shared by every test of this binary, started on first use.
@@ -58,13 +56,12 @@ impl RedisServer {
                 .spawn()
                 .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
             process::register_child(&child, StopSignal::Kill);
-            match wait_ready(port, &mut child, Duration::from_secs(30)) {
+            match process::wait_ready("redis-server", &mut child, Duration::from_secs(30), || ping(port)) {
                 Ok(()) => {
                     return RedisServer {
                         port,
-                        log_path,
                         next_database: AtomicU32::new(0),
-                        child: Mutex::new(Some(child)),
+                        process: ServiceProcess::new(child, log_path),
                     };
                 }
                 Err(problem) => {
@@ -89,21 +86,12 @@ impl RedisServer {
 
     /// The last lines of the server log.
     pub fn log_tail(&self) -> String {
-        process::log_tail(&self.log_path, 50)
+        self.process.log_tail()
     }
 
     /// Stops the server immediately (SIGKILL); later connections are refused.
     pub fn stop(&self) {
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(mut child) = child.take() {
-            process::kill_and_reap(&mut child);
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
 
@@ -118,20 +106,4 @@ fn ping(port: u16) -> bool {
     }
     let mut reply = [0u8; 7];
     stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
-}
-
-fn wait_ready(port: u16, child: &mut Child, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("redis-server exited early ({status})"));
-        }
-        if ping(port) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("redis-server not ready after {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

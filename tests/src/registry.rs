@@ -9,11 +9,11 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use crate::process::{self, StopSignal};
+use crate::process::{self, ServiceProcess, StopSignal};
 
 /// Where Debian installs the registry.
 const DEBIAN_BINARY: &str = "/usr/bin/docker-registry";
@@ -22,8 +22,7 @@ const DEBIAN_BINARY: &str = "/usr/bin/docker-registry";
 #[derive(Debug)]
 pub struct Registry {
     port: u16,
-    log_path: PathBuf,
-    child: Mutex<Option<Child>>,
+    process: ServiceProcess,
 }
 
 /// The registry shared by every test of this binary, started on first use.
@@ -89,12 +88,13 @@ impl Registry {
                 .spawn()
                 .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
             process::register_child(&child, StopSignal::Kill);
-            match wait_ready(port, &mut child, Duration::from_secs(30)) {
+            match process::wait_ready("docker-registry", &mut child, Duration::from_secs(30), || {
+                api_answers(port)
+            }) {
                 Ok(()) => {
                     return Registry {
                         port,
-                        log_path,
-                        child: Mutex::new(Some(child)),
+                        process: ServiceProcess::new(child, log_path),
                     };
                 }
                 Err(problem) => {
@@ -123,21 +123,12 @@ impl Registry {
 
     /// The last lines of the server log.
     pub fn log_tail(&self) -> String {
-        process::log_tail(&self.log_path, 50)
+        self.process.log_tail()
     }
 
     /// Stops the server immediately (SIGKILL).
     pub fn stop(&self) {
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(mut child) = child.take() {
-            process::kill_and_reap(&mut child);
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
 
@@ -153,22 +144,4 @@ fn api_answers(port: u16) -> bool {
     }
     let mut status = [0u8; 12];
     stream.read_exact(&mut status).is_ok() && status.starts_with(b"HTTP/1.") && &status[9..12] == b"200"
-}
-
-fn wait_ready(port: u16, child: &mut Child, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("docker-registry exited early ({status})"));
-        }
-        if api_answers(port) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "docker-registry not answering on 127.0.0.1:{port} after {timeout:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
