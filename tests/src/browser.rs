@@ -20,8 +20,8 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::ops::Deref;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::process::{self, StopSignal};
+use crate::process::{self, ServiceProcess, StopSignal};
 
 /// The Chromium binary (Debian's `chromium` package).
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -51,9 +51,8 @@ const INSTALL_HINT: &str = "run `scripts/install-deps` (Debian: `apt-get install
 #[derive(Debug)]
 pub struct Driver {
     port: u16,
-    log_path: PathBuf,
     /// Held for the life of the test binary; the watchdog stops the process at exit.
-    _child: Child,
+    process: ServiceProcess,
 }
 
 /// The chromedriver of this test binary, started on first use. Panics when Chromium or
@@ -95,12 +94,11 @@ impl Driver {
                 .spawn()
                 .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
             process::register_child(&child, StopSignal::Kill);
-            match wait_driver_ready(port, &mut child) {
+            match process::wait_ready("chromedriver", &mut child, DRIVER_START_TIMEOUT, || driver_ready(port)) {
                 Ok(()) => {
                     return Driver {
                         port,
-                        log_path,
-                        _child: child,
+                        process: ServiceProcess::new(child, log_path),
                     };
                 }
                 Err(problem) => {
@@ -119,24 +117,7 @@ impl Driver {
 
     /// The last lines of chromedriver's log.
     pub fn log_tail(&self) -> String {
-        process::log_tail(&self.log_path, 50)
-    }
-}
-
-/// Polls chromedriver's `/status` until it says `"ready": true`.
-fn wait_driver_ready(port: u16, child: &mut Child) -> Result<(), String> {
-    let deadline = Instant::now() + DRIVER_START_TIMEOUT;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("chromedriver exited early ({status})"));
-        }
-        if driver_ready(port) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("chromedriver not ready after {DRIVER_START_TIMEOUT:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        self.process.log_tail()
     }
 }
 

@@ -2,11 +2,16 @@
 //! `/login`, `/register`, `/verify-email` and `/reset-password` (the links in our mail), and
 //! `/forgot-password`. One static page, embedded in the binary, that talks to the public API.
 
+use std::sync::LazyLock;
+
 use salvo::http::HeaderValue;
 use salvo::prelude::*;
 
 const PAGE: &str = include_str!("../../web/account.html");
 const CSS: &str = include_str!("../../web/page.css");
+
+/// The page with its stylesheet inlined, assembled once.
+static PAGE_HTML: LazyLock<String> = LazyLock::new(|| PAGE.replace("/*CSS*/", CSS));
 
 /// Serves the account page (the script picks the form from the path).
 #[handler]
@@ -17,5 +22,5 @@ pub async fn account_page(res: &mut Response) {
     ));
     headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
     headers.insert("referrer-policy", HeaderValue::from_static("same-origin"));
-    res.render(Text::Html(PAGE.replace("/*CSS*/", CSS)));
+    res.render(Text::Html(PAGE_HTML.as_str()));
 }
