@@ -6,4 +6,5 @@
 //! both sides of a queue or an HTTP call compile against one definition.
 
 pub mod config;
+pub mod node;
 pub mod telemetry;

@@ -24,6 +24,10 @@ pub enum RuntimeError {
     /// The object the operation creates exists already.
     #[error("containerd {operation}: already exists: {message}")]
     AlreadyExists { operation: &'static str, message: String },
+    /// What containerd holds or sent is not what it should be (an unparsable manifest in the
+    /// content store, a stream that ended early).
+    #[error("{0}")]
+    Invalid(String),
     /// Any other gRPC failure.
     #[error("containerd {operation} failed ({code:?}): {message}")]
     Rpc {
@@ -36,6 +40,9 @@ pub enum RuntimeError {
 impl RuntimeError {
     /// Maps the gRPC status of a failed `operation` (such as `"Version"`).
     pub fn from_status(operation: &'static str, status: &Status) -> RuntimeError {
+        if !matches!(status.code(), Code::NotFound | Code::AlreadyExists) {
+            metrics::counter!("instapod_node_agent_containerd_errors_total", "operation" => operation).increment(1);
+        }
         let message = status.message().to_string();
         match status.code() {
             Code::Unavailable => RuntimeError::Unavailable { operation, message },

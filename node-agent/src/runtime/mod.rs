@@ -10,10 +10,15 @@
 //! other `Request` types in scope) and `unwrap`s the header value, while the namespace here is
 //! validated once, when connecting.
 //!
-//! *Status.* First slice of the node-agent issue: connecting, the Version service and listing
-//! image names. Image pull/import, containers, tasks, events and metrics come next.
+//! The services are split by concept: [`content`] (leases and the content store), [`images`]
+//! (image records, unpacking layers into snapshots), [`containers`] (containers, tasks and the
+//! exit/OOM event stream).
 
+pub mod containers;
+pub mod content;
 mod error;
+pub(crate) use error::error_chain;
+pub mod images;
 
 use std::path::Path;
 
@@ -31,6 +36,12 @@ pub const NAMESPACE: &str = "instapod";
 
 /// The gRPC metadata key containerd reads the namespace from.
 const NAMESPACE_HEADER: &str = "containerd-namespace";
+
+/// The gRPC metadata key that puts what a request creates under a lease (safe from GC).
+const LEASE_HEADER: &str = "containerd-lease";
+
+/// The snapshotter pods use.
+pub const SNAPSHOTTER: &str = "overlayfs";
 
 /// The longest namespace containerd accepts.
 const MAX_NAMESPACE_LEN: usize = 76;
@@ -92,6 +103,20 @@ impl Runtime {
         let mut request = tonic::Request::new(message);
         request.metadata_mut().insert(NAMESPACE_HEADER, self.namespace.clone());
         request
+    }
+
+    /// Like [`Runtime::request`], with what the request creates held by `lease`.
+    fn leased_request<T>(&self, message: T, lease: &content::Lease) -> tonic::Request<T> {
+        let mut request = self.request(message);
+        if let Ok(value) = lease.id().parse::<MetadataValue<Ascii>>() {
+            request.metadata_mut().insert(LEASE_HEADER, value);
+        }
+        request
+    }
+
+    /// The underlying channel, for service clients.
+    fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// containerd's version (the Version service). Also the cheapest liveness check.

@@ -1,0 +1,331 @@
+//! What crosses the boundary between the control plane (and scheduler) and a node agent: the pod
+//! spec a node runs, the jobs on a node's queue, and the agent's join, heartbeat and report
+//! messages on the control plane's `/internal` API.
+//!
+//! *Invariants.* Every job and every report carries the pod's `generation`; an agent ignores a
+//! job older than the newest generation it has seen for that pod, and the control plane ignores
+//! a report older than the pod's current generation. Ids are UUIDs; byte sizes are bytes; CPU
+//! is in millicores (1000 = one core).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The name of a node's job queue in Redis (apalis): `node:<id>`.
+pub fn node_queue(node_id: Uuid) -> String {
+    format!("node:{node_id}")
+}
+
+/// The resources a pod may use (its plan's limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU in millicores: 500 is half a core (CFS quota), also the weight for shares.
+    pub cpu_millis: u32,
+    /// Memory limit in bytes (no swap beyond it).
+    pub memory_bytes: u64,
+    /// Disk quota of the volume in bytes.
+    pub disk_bytes: u64,
+    /// Maximum number of processes and threads.
+    pub pids: u32,
+}
+
+/// What the agent does when the pod's main process exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart after every exit (with backoff).
+    #[default]
+    Always,
+    /// Restart after a non-zero exit or a kill (with backoff), up to the agent's cap.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// Credentials for a private registry.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// Everything a node needs to run one pod.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub pod_id: Uuid,
+    /// The pod's DNS-label name; also the container's hostname.
+    pub name: String,
+    /// Bumped by the control plane on every change of desired state or spec.
+    pub generation: i64,
+    /// An image reference such as `registry.example.com/team/app:1` or `busybox:latest`.
+    pub image: String,
+    /// Credentials for the image's registry, when it is private.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+    /// Replaces the image's entrypoint when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's cmd when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Added to (and overriding) the image's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Replaces the image's working directory when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    pub resources: Resources,
+    /// Where the pod's volume is mounted inside the container.
+    #[serde(default = "default_volume_mount")]
+    pub volume_mount: String,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// The port the pod's HTTP server listens on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
+}
+
+fn default_volume_mount() -> String {
+    "/data".to_string()
+}
+
+/// A job on a node's queue (`node:<id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum NodeJob {
+    /// Make the pod exist and run with this spec (pull, network, volume, container, task).
+    EnsureRunning { spec: PodSpec },
+    /// Stop the pod's task (SIGTERM, then SIGKILL after the grace period); keep everything else.
+    Stop {
+        pod_id: Uuid,
+        generation: i64,
+        #[serde(default = "default_grace_secs")]
+        grace_secs: u32,
+    },
+    /// Stop, then start the pod again with this spec.
+    Restart { spec: PodSpec },
+    /// Change the limits of the pod, live when it runs.
+    Resize {
+        pod_id: Uuid,
+        generation: i64,
+        resources: Resources,
+    },
+    /// Remove the task, container, snapshot and network, and the volume unless retained.
+    Delete {
+        pod_id: Uuid,
+        generation: i64,
+        #[serde(default)]
+        retain_volume: bool,
+    },
+}
+
+fn default_grace_secs() -> u32 {
+    10
+}
+
+impl NodeJob {
+    pub fn pod_id(&self) -> Uuid {
+        match self {
+            NodeJob::EnsureRunning { spec } | NodeJob::Restart { spec } => spec.pod_id,
+            NodeJob::Stop { pod_id, .. } | NodeJob::Resize { pod_id, .. } | NodeJob::Delete { pod_id, .. } => *pod_id,
+        }
+    }
+
+    pub fn generation(&self) -> i64 {
+        match self {
+            NodeJob::EnsureRunning { spec } | NodeJob::Restart { spec } => spec.generation,
+            NodeJob::Stop { generation, .. }
+            | NodeJob::Resize { generation, .. }
+            | NodeJob::Delete { generation, .. } => *generation,
+        }
+    }
+
+    /// A short name for logs and metrics labels.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            NodeJob::EnsureRunning { .. } => "ensure_running",
+            NodeJob::Stop { .. } => "stop",
+            NodeJob::Restart { .. } => "restart",
+            NodeJob::Resize { .. } => "resize",
+            NodeJob::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// The state of a pod as its node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodePodState {
+    /// Pulling the image, preparing network, volume and container.
+    Starting,
+    Running,
+    /// Stopped on request.
+    Stopped,
+    /// The main process exited and is not (or not yet) restarted.
+    Exited,
+    /// It cannot run (bad image, bad command, out of memory, crash loop); see the reason.
+    Failed,
+    /// Everything of the pod is gone from the node.
+    Deleted,
+}
+
+impl NodePodState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodePodState::Starting => "starting",
+            NodePodState::Running => "running",
+            NodePodState::Stopped => "stopped",
+            NodePodState::Exited => "exited",
+            NodePodState::Failed => "failed",
+            NodePodState::Deleted => "deleted",
+        }
+    }
+}
+
+/// A pod's state change, sent by the agent to `POST /internal/nodes/{id}/reports`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodReport {
+    pub pod_id: Uuid,
+    pub generation: i64,
+    pub state: NodePodState,
+    /// Why, in words a user can act on ("image not found: …", "out of memory", "exit code 1").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The pod's address on the node's bridge, once it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// RFC 3339 time the agent observed the change.
+    pub at: String,
+}
+
+/// A batch of reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportBatch {
+    pub reports: Vec<PodReport>,
+}
+
+/// Capacity in one dimension set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// `POST /internal/nodes/join`, authenticated by the fleet's join token (bearer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The node's name (its hostname unless configured); unique in the fleet.
+    pub name: String,
+    pub region: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    /// The id this node had before, when its state directory remembers one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<Uuid>,
+}
+
+/// The answer to a join: the node's id and its own token for everything after.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub node_id: Uuid,
+    pub node_token: String,
+    /// The Redis queue the node consumes (`node:<id>`).
+    pub queue: String,
+    /// How often the control plane expects a heartbeat.
+    pub heartbeat_interval_secs: u64,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("node_id", &self.node_id)
+            .field("node_token", &"***")
+            .field("queue", &self.queue)
+            .field("heartbeat_interval_secs", &self.heartbeat_interval_secs)
+            .finish()
+    }
+}
+
+/// One pod in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatPod {
+    pub pod_id: Uuid,
+    pub generation: i64,
+    pub state: NodePodState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// `POST /internal/nodes/{id}/heartbeat`, authenticated by the node token (bearer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// What the machine has.
+    pub total: Capacity,
+    /// What pods may use: total minus the configured reservations.
+    pub allocatable: Capacity,
+    pub region: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub pods: Vec<HeartbeatPod>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_round_trip_with_an_op_tag() {
+        let job = NodeJob::Stop {
+            pod_id: Uuid::nil(),
+            generation: 3,
+            grace_secs: 5,
+        };
+        let text = serde_json::to_string(&job).expect("serialises");
+        assert!(text.contains(r#""op":"stop""#), "{text}");
+        assert_eq!(serde_json::from_str::<NodeJob>(&text).expect("parses"), job);
+        assert_eq!(job.generation(), 3);
+        assert_eq!(job.operation(), "stop");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let auth = RegistryAuth {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{auth:?}").contains("hunter2"));
+        let join = JoinResponse {
+            node_id: Uuid::nil(),
+            node_token: "tok-secret".into(),
+            queue: node_queue(Uuid::nil()),
+            heartbeat_interval_secs: 5,
+        };
+        assert!(!format!("{join:?}").contains("tok-secret"));
+    }
+
+    #[test]
+    fn spec_defaults_fill_in_the_volume_mount_and_restart_policy() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "pod_id": Uuid::nil(), "name": "web", "generation": 1, "image": "busybox",
+            "resources": {"cpu_millis": 500, "memory_bytes": 268435456u64, "disk_bytes": 1073741824u64, "pids": 256}
+        }))
+        .expect("parses");
+        assert_eq!(spec.volume_mount, "/data");
+        assert_eq!(spec.restart_policy, RestartPolicy::Always);
+    }
+}

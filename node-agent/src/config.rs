@@ -1,0 +1,256 @@
+//! The agent's configuration: a TOML file (`--config` or `INSTAPOD_AGENT_CONFIG`) plus
+//! `INSTAPOD_AGENT_<FIELD>` overrides (nested with `__`, e.g. `INSTAPOD_AGENT_NETWORK__SUBNET`).
+//! Unknown fields are refused.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use instapod_common::config::Secret;
+use instapod_common::telemetry::LogFormat;
+use serde::Deserialize;
+
+/// The prefix of the agent's environment overrides.
+pub const ENV_PREFIX: &str = "INSTAPOD_AGENT_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The control plane's base URL (its `/internal` API). Default `http://127.0.0.1:8080`.
+    pub control_plane_url: String,
+    /// The fleet's join token (the control plane's `node_join_token`). Needed for the first
+    /// join; later starts use the node token saved in the state directory.
+    pub join_token: Secret,
+    /// The node's name in the fleet. Default: the machine's hostname.
+    pub node_name: String,
+    /// Region reported to the scheduler. Default `local`.
+    pub region: String,
+    /// Labels reported to the scheduler.
+    pub labels: BTreeMap<String, String>,
+    /// Redis URL of the job queues. Default `redis://127.0.0.1:6379`.
+    pub redis_url: Secret,
+    /// containerd's socket. Default `/run/containerd/containerd.sock`.
+    pub containerd_socket: PathBuf,
+    /// containerd namespace the agent owns. Default `instapod`.
+    pub containerd_namespace: String,
+    /// Where records, volumes and logs live. Default `/var/lib/instapod-agent`.
+    pub state_dir: PathBuf,
+    /// cgroup parent of pod cgroups. Default `/instapod`.
+    pub cgroup_parent: String,
+    /// Capacity kept for the system (not offered to pods).
+    pub reserved: Reserved,
+    /// Largest limits one pod may ask for (absurd specs are refused).
+    pub max_pod: MaxPod,
+    /// Seconds between heartbeats; the control plane's answer to join overrides it. Default 5.
+    pub heartbeat_interval_secs: u64,
+    /// Seconds between reconcile passes (besides the one at start-up). Default 30.
+    pub reconcile_interval_secs: u64,
+    pub network: NetworkConfig,
+    /// A pod's log is rotated when larger than this. Default 10 MiB.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per pod. Default 3.
+    pub log_keep: u32,
+    /// Where `/metrics` and `/healthz` are served. Default `127.0.0.1:9101`.
+    pub metrics_listen: SocketAddr,
+    /// Jobs handled at once. Default 4.
+    pub job_concurrency: usize,
+    /// Registries reached over plain HTTP besides loopback ones (`host:port`).
+    pub plain_http_registries: Vec<String>,
+    /// Name servers written into pods' `/etc/resolv.conf`. Default: the host's non-loopback
+    /// ones, else `1.1.1.1` and `8.8.8.8`.
+    pub dns_servers: Vec<String>,
+    /// `text` or `json`. Default `text`.
+    pub log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax. Default `info`.
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Reserved {
+    /// Default 250.
+    pub cpu_millis: u64,
+    /// Default 512 MiB.
+    pub memory_bytes: u64,
+    /// Default 5 GiB.
+    pub disk_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaxPod {
+    /// Default 16000 (16 cores).
+    pub cpu_millis: u32,
+    /// Default 64 GiB.
+    pub memory_bytes: u64,
+    /// Default 1 TiB.
+    pub disk_bytes: u64,
+    /// Default 32768.
+    pub pids: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The bridge pods attach to (at most 15 characters). Default `instapod0`.
+    pub bridge: String,
+    /// The pods' subnet. Default `10.88.0.0/16`.
+    pub subnet: String,
+    /// Where the CNI plugins are. Default `/usr/lib/cni`.
+    pub cni_bin_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            control_plane_url: "http://127.0.0.1:8080".into(),
+            join_token: Secret::new(""),
+            node_name: String::new(),
+            region: "local".into(),
+            labels: BTreeMap::new(),
+            redis_url: Secret::new("redis://127.0.0.1:6379"),
+            containerd_socket: "/run/containerd/containerd.sock".into(),
+            containerd_namespace: "instapod".into(),
+            state_dir: "/var/lib/instapod-agent".into(),
+            cgroup_parent: "/instapod".into(),
+            reserved: Reserved::default(),
+            max_pod: MaxPod::default(),
+            heartbeat_interval_secs: 5,
+            reconcile_interval_secs: 30,
+            network: NetworkConfig::default(),
+            log_max_bytes: 10 * 1024 * 1024,
+            log_keep: 3,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+            job_concurrency: 4,
+            plain_http_registries: Vec::new(),
+            dns_servers: Vec::new(),
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+impl Default for Reserved {
+    fn default() -> Self {
+        Reserved {
+            cpu_millis: 250,
+            memory_bytes: 512 * 1024 * 1024,
+            disk_bytes: 5 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for MaxPod {
+    fn default() -> Self {
+        MaxPod {
+            cpu_millis: 16_000,
+            memory_bytes: 64 * 1024 * 1024 * 1024,
+            disk_bytes: 1024 * 1024 * 1024 * 1024,
+            pids: 32_768,
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            bridge: "instapod0".into(),
+            subnet: "10.88.0.0/16".into(),
+            cni_bin_dir: "/usr/lib/cni".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Every problem at once.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if !(self.control_plane_url.starts_with("http://") || self.control_plane_url.starts_with("https://")) {
+            problems.push(format!("control_plane_url {:?} is not an http(s) URL", self.control_plane_url));
+        }
+        if self.network.bridge.is_empty()
+            || self.network.bridge.len() > 15
+            || !self.network.bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            problems.push(format!("network.bridge {:?} must be 1-15 letters, digits, - or _", self.network.bridge));
+        }
+        if !self.network.subnet.contains('/') {
+            problems.push(format!("network.subnet {:?} must be a CIDR such as 10.88.0.0/16", self.network.subnet));
+        }
+        if !crate::runtime::is_valid_namespace(&self.containerd_namespace) {
+            problems.push(format!("containerd_namespace {:?} is not a valid namespace", self.containerd_namespace));
+        }
+        if self.heartbeat_interval_secs == 0 || self.reconcile_interval_secs == 0 || self.job_concurrency == 0 {
+            problems.push("heartbeat_interval_secs, reconcile_interval_secs and job_concurrency must be positive".into());
+        }
+        if !self.cgroup_parent.starts_with('/') {
+            problems.push(format!("cgroup_parent {:?} must start with /", self.cgroup_parent));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// The node name: configured, else the hostname.
+    pub fn node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "node".to_string())
+    }
+
+    /// The `/etc/resolv.conf` pods get.
+    pub fn resolv_conf(&self) -> String {
+        let mut servers = self.dns_servers.clone();
+        if servers.is_empty() {
+            let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            servers = host
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("nameserver"))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !(s.starts_with("127.") || s == "::1"))
+                .collect();
+        }
+        if servers.is_empty() {
+            servers = vec!["1.1.1.1".into(), "8.8.8.8".into()];
+        }
+        servers.iter().map(|s| format!("nameserver {s}\n")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_overrides_apply() {
+        let config: Config = instapod_common::config::load_from(
+            None,
+            ENV_PREFIX,
+            [
+                ("INSTAPOD_AGENT_NETWORK__SUBNET".to_string(), "10.99.0.0/24".to_string()),
+                ("INSTAPOD_AGENT_REGION".to_string(), "eu".to_string()),
+            ],
+        )
+        .expect("loads");
+        assert_eq!(config.network.subnet, "10.99.0.0/24");
+        assert_eq!(config.region, "eu");
+        config.validate().expect("valid");
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let config = Config {
+            control_plane_url: "ftp://x".into(),
+            network: NetworkConfig {
+                bridge: "a-bridge-name-that-is-too-long".into(),
+                ..NetworkConfig::default()
+            },
+            ..Config::default()
+        };
+        let problems = config.validate().expect_err("invalid");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+}
