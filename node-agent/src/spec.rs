@@ -17,7 +17,7 @@ use instapod_common::node::{PodSpec, Resources};
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder,
     LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder, Mount,
-    MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
     LinuxCapabilitiesBuilder,
 };
 
@@ -244,12 +244,6 @@ pub fn build(pod: &PodSpec, image: &RunDefaults, paths: &PodPaths, cgroup_parent
                 .build()
                 .map_err(build)?,
         )
-        .rlimits(vec![PosixRlimitBuilder::default()
-            .typ(PosixRlimitType::RlimitNofile)
-            .hard(65536u64)
-            .soft(65536u64)
-            .build()
-            .map_err(build)?])
         .build()
         .map_err(build)?;
     let namespaces = [

@@ -29,6 +29,7 @@ pub mod eventually;
 pub mod ids;
 pub mod images;
 pub mod mail;
+pub mod node;
 pub mod postgres;
 pub mod process;
 pub mod redis;

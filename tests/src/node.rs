@@ -1,0 +1,209 @@
+//! A node agent for tests: its configuration (own state directory, containerd namespace,
+//! bridge, subnet, cgroup parent and metrics port, so several nodes share one machine), the
+//! pod manager built in-process for runtime tests, and the real `instapod-node-agent` binary
+//! for fleet tests.
+//!
+//! *Invariants.* Each node's bridge and /24 subnet are random (`ipt<6 hex>`, `10.2xx.x.0/24`)
+//! and removed when the node is dropped, with its namespace's leftovers; network traffic only
+//! goes to these bridges and to loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use instapod_common::node::{PodReport, PodSpec, Resources, RestartPolicy};
+use instapod_node_agent::config::Config;
+use instapod_node_agent::dirs::Dirs;
+use instapod_node_agent::pods::Pods;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::images::ImageBuilder;
+use crate::{containerd, ids, process, registry};
+
+/// The node's settings.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub state_dir: PathBuf,
+    pub namespace: String,
+    pub bridge: String,
+    pub subnet_prefix: String,
+    pub metrics_port: u16,
+}
+
+impl NodeSettings {
+    pub fn new(label: &str) -> NodeSettings {
+        let suffix = ids::random_suffix();
+        let bytes = Uuid::new_v4().into_bytes();
+        NodeSettings {
+            state_dir: process::temp_dir(&format!("agent-{label}")),
+            namespace: format!("agent-{suffix}"),
+            bridge: format!("ipt{}", &hex::encode(&bytes[..3])),
+            subnet_prefix: format!("10.{}.{}", 200 + bytes[3] % 50, bytes[4]),
+            metrics_port: process::free_port(),
+        }
+    }
+
+    /// The bridge's (gateway's) address.
+    pub fn gateway(&self) -> String {
+        format!("{}.1", self.subnet_prefix)
+    }
+
+    /// The agent's configuration for the harness's containerd and registry.
+    pub fn config(&self) -> Config {
+        let mut config = Config {
+            containerd_socket: containerd::shared().socket().to_path_buf(),
+            containerd_namespace: self.namespace.clone(),
+            state_dir: self.state_dir.clone(),
+            cgroup_parent: "/instapod-test".into(),
+            metrics_listen: ([127, 0, 0, 1], self.metrics_port).into(),
+            dns_servers: vec![self.gateway()],
+            ..Config::default()
+        };
+        config.network.bridge = self.bridge.clone();
+        config.network.subnet = format!("{}.0/24", self.subnet_prefix);
+        config.reserved.disk_bytes = 0;
+        config
+    }
+
+    /// The same as `INSTAPOD_AGENT_*` variables, for the binary.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("INSTAPOD_AGENT_CONTAINERD_SOCKET".into(), containerd::shared().socket().display().to_string()),
+            ("INSTAPOD_AGENT_CONTAINERD_NAMESPACE".into(), self.namespace.clone()),
+            ("INSTAPOD_AGENT_STATE_DIR".into(), self.state_dir.display().to_string()),
+            ("INSTAPOD_AGENT_CGROUP_PARENT".into(), "/instapod-test".into()),
+            ("INSTAPOD_AGENT_METRICS_LISTEN".into(), format!("127.0.0.1:{}", self.metrics_port)),
+            ("INSTAPOD_AGENT_DNS_SERVERS".into(), format!("[\"{}\"]", self.gateway())),
+            ("INSTAPOD_AGENT_NETWORK__BRIDGE".into(), self.bridge.clone()),
+            ("INSTAPOD_AGENT_NETWORK__SUBNET".into(), format!("{}.0/24", self.subnet_prefix)),
+            ("INSTAPOD_AGENT_RESERVED__DISK_BYTES".into(), "0".into()),
+            ("INSTAPOD_AGENT_LOG_FILTER".into(), "info,instapod_node_agent=debug".into()),
+        ]
+    }
+
+    /// Removes the bridge (pods' veths went with their namespaces).
+    pub fn remove_bridge(&self) {
+        let _ = Command::new("ip").args(["link", "delete", &self.bridge]).output();
+    }
+}
+
+/// A pod manager in this process, on the harness's containerd.
+#[derive(Debug)]
+pub struct TestNode {
+    pub settings: NodeSettings,
+    pub pods: Pods,
+    pub reports: mpsc::UnboundedReceiver<PodReport>,
+    pub dirs: Dirs,
+    _shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl TestNode {
+    pub async fn start(label: &str) -> TestNode {
+        let settings = NodeSettings::new(label);
+        let config = settings.config();
+        let runtime = instapod_node_agent::agent::connect_runtime(&config, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|err| panic!("containerd: {err}\n{}", containerd::shared().log_tail()));
+        let dirs = Dirs::new(&settings.state_dir).expect("state directory");
+        let (pods, reports) = instapod_node_agent::agent::build_pods(&config, runtime, dirs.clone()).expect("pods");
+        // Exit and OOM events drive restart policies, as in the agent.
+        let (shutdown, watching) = tokio::sync::watch::channel(false);
+        tokio::spawn(instapod_node_agent::agent::watch_events(pods.clone(), watching));
+        TestNode {
+            _shutdown: shutdown,
+            settings,
+            pods,
+            reports,
+            dirs,
+        }
+    }
+
+    /// Reports received so far.
+    pub fn drain_reports(&mut self) -> Vec<PodReport> {
+        let mut out = Vec::new();
+        while let Ok(report) = self.reports.try_recv() {
+            out.push(report);
+        }
+        out
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.settings.remove_bridge();
+    }
+}
+
+/// A pod spec with small limits.
+pub fn pod_spec(image: &str, generation: i64) -> PodSpec {
+    PodSpec {
+        pod_id: Uuid::new_v4(),
+        name: format!("pod-{}", &ids::random_suffix()[..6]),
+        generation,
+        image: image.to_string(),
+        registry_auth: None,
+        entrypoint: None,
+        command: None,
+        env: BTreeMap::new(),
+        workdir: None,
+        resources: Resources {
+            cpu_millis: 250,
+            memory_bytes: 64 << 20,
+            disk_bytes: 256 << 20,
+            pids: 128,
+        },
+        volume_mount: "/data".into(),
+        restart_policy: RestartPolicy::Never,
+        http_port: Some(8080),
+    }
+}
+
+/// Pushes (once per test binary) a busybox image whose default command serves `/data` over
+/// HTTP on port 8080, and returns its reference in the harness registry.
+pub async fn web_image() -> String {
+    static PUSHED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    PUSHED
+        .get_or_init(|| async {
+            let registry = registry::shared();
+            let repository = format!("test/web-{}", &ids::random_suffix()[..8]);
+            ImageBuilder::busybox()
+                .entrypoint(["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/data"])
+                .build()
+                .push(&registry.base_url(), &repository, "1")
+                .await
+                .expect("push the web image");
+            format!("{}/{repository}:1", registry.host())
+        })
+        .await
+        .clone()
+}
+
+/// Starts the agent binary with `env` (plus the node's settings); its log goes to a file.
+pub fn spawn_agent(settings: &NodeSettings, extra_env: &[(String, String)]) -> (Child, PathBuf) {
+    let binary = agent_binary();
+    let log = settings.state_dir.join(format!("agent-{}.log", ids::random_suffix()));
+    let (out, err) = process::log_file_stdio(&log);
+    let mut command = Command::new(&binary);
+    process::clear_instapod_env(&mut command);
+    command.envs(settings.env()).envs(extra_env.iter().cloned()).stdin(Stdio::null()).stdout(out).stderr(err);
+    let child = command
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+    process::register_child(&child, process::StopSignal::Kill);
+    (child, log)
+}
+
+/// The agent binary next to the test executable (run `cargo build --workspace --bins` first).
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let binary = dir.join("instapod-node-agent");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        binary.display()
+    );
+    binary
+}

@@ -1,0 +1,401 @@
+//! The node agent's pod manager against real containerd, runc and CNI plugins: images pulled
+//! from the harness registry or imported from a tarball, pods that serve HTTP on their own IP,
+//! volumes that outlive stop/start and vanish on delete, limits the kernel enforces, pods that
+//! cannot reach each other, restart policies, and bad specs that fail cleanly.
+
+use std::path::Path;
+use std::time::Duration;
+
+use instapod_common::node::{NodeJob, NodePodState, PodReport, PodSpec, Resources, RestartPolicy};
+use instapod_node_agent::pods::Outcome;
+use instapod_node_agent::runtime::containers::TaskState;
+use instapod_tests::images::ImageBuilder;
+use instapod_tests::node::{TestNode, pod_spec, web_image};
+use instapod_tests::{eventually, process};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("http client")
+}
+
+async fn get(ip: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let response = http().get(format!("http://{ip}:8080{path}")).send().await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+fn ip_of(node: &TestNode, id: Uuid) -> String {
+    node.pods
+        .record(id)
+        .and_then(|r| r.attachment)
+        .map(|a| a.ip)
+        .expect("the pod has an address")
+}
+
+async fn ensure(node: &TestNode, spec: &PodSpec) -> Outcome {
+    node.pods
+        .handle(&NodeJob::EnsureRunning { spec: spec.clone() })
+        .await
+        .expect("ensure_running")
+}
+
+/// Waits for a report of `state` for `id` and returns it (collecting everything seen).
+async fn wait_report(node: &mut TestNode, seen: &mut Vec<PodReport>, id: Uuid, state: NodePodState) -> PodReport {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        seen.extend(node.drain_reports());
+        if let Some(found) = seen.iter().find(|r| r.pod_id == id && r.state == state) {
+            return found.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {state:?} report for {id}; saw {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn containers_of(node: &TestNode, id: Uuid) -> usize {
+    node.pods
+        .runtime()
+        .containers()
+        .await
+        .expect("list containers")
+        .iter()
+        .filter(|c| c.id == id.to_string())
+        .count()
+}
+
+async fn nothing_left(node: &TestNode, id: Uuid) {
+    assert_eq!(containers_of(node, id).await, 0, "container left behind");
+    assert!(
+        !node.pods.runtime().snapshot_exists(&id.to_string()).await.expect("stat"),
+        "snapshot left behind"
+    );
+    assert!(!instapod_node_agent::network::netns_path(id).exists(), "netns left behind");
+    assert!(!node.dirs.volume(id).exists(), "volume left behind");
+}
+
+#[tokio::test]
+async fn a_pod_serves_http_keeps_its_volume_across_stop_and_start_and_is_removed_on_delete() {
+    let mut node = TestNode::start("lifecycle").await;
+    let image = web_image().await;
+    let mut spec = pod_spec(&image, 1);
+    let id = spec.pod_id;
+    assert_eq!(ensure(&node, &spec).await, Outcome::Applied);
+    let mut seen = Vec::new();
+    let running = wait_report(&mut node, &mut seen, id, NodePodState::Running).await;
+    let ip = ip_of(&node, id);
+    assert_eq!(running.ip.as_deref(), Some(ip.as_str()), "the running report carries the IP");
+    assert!(ip.starts_with(&node.settings.subnet_prefix), "{ip}");
+    std::fs::write(node.dirs.volume(id).join("hello.txt"), "kept across restarts").expect("write into the volume");
+    let (status, body) = eventually(WAIT, "the pod's HTTP server", || get(&ip, "/hello.txt")).await;
+    assert_eq!((status, body.as_str()), (200, "kept across restarts"));
+
+    node.pods
+        .handle(&NodeJob::Stop {
+            pod_id: id,
+            generation: 2,
+            grace_secs: 2,
+        })
+        .await
+        .expect("stop");
+    assert_eq!(node.pods.record(id).expect("record").state, NodePodState::Stopped);
+    assert_eq!(node.pods.runtime().task_state(&id.to_string()).await.expect("task"), None);
+    assert!(get(&ip, "/hello.txt").await.is_err(), "a stopped pod must not answer");
+
+    spec.generation = 3;
+    ensure(&node, &spec).await;
+    assert_eq!(node.pods.record(id).expect("record").state, NodePodState::Running);
+    let ip = ip_of(&node, id);
+    let (status, body) = eventually(WAIT, "the restarted pod", || get(&ip, "/hello.txt")).await;
+    assert_eq!((status, body.as_str()), (200, "kept across restarts"));
+    assert_eq!(containers_of(&node, id).await, 1);
+
+    node.pods
+        .handle(&NodeJob::Delete {
+            pod_id: id,
+            generation: 4,
+            retain_volume: false,
+        })
+        .await
+        .expect("delete");
+    wait_report(&mut node, &mut seen, id, NodePodState::Deleted).await;
+    nothing_left(&node, id).await;
+    assert!(!node.dirs.log(id).exists(), "the log goes with the pod");
+
+    // A late job older than the delete must not bring the pod back.
+    spec.generation = 3;
+    assert_eq!(ensure(&node, &spec).await, Outcome::Stale);
+    assert_eq!(containers_of(&node, id).await, 0);
+}
+
+#[tokio::test]
+async fn a_job_delivered_twice_makes_one_container_and_a_second_pod_reuses_the_image() {
+    let mut node = TestNode::start("twice").await;
+    let image = web_image().await;
+    let spec = pod_spec(&image, 1);
+    let (a, b) = tokio::join!(ensure(&node, &spec), ensure(&node, &spec));
+    assert_eq!((a, b), (Outcome::Applied, Outcome::Applied));
+    assert_eq!(containers_of(&node, spec.pod_id).await, 1);
+    assert_eq!(
+        node.pods.runtime().task_state(&spec.pod_id.to_string()).await.expect("task"),
+        Some(TaskState::Running)
+    );
+    let mut seen = Vec::new();
+    wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Running).await;
+    let pulls = node.pods.images().stats.pulls.load(std::sync::atomic::Ordering::Relaxed);
+    let bytes = node.pods.images().stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(pulls, 1, "the first pod pulls the image once");
+    assert!(bytes > 100_000, "the layer came from the registry ({bytes} bytes)");
+
+    let second = pod_spec(&image, 1);
+    ensure(&node, &second).await;
+    wait_report(&mut node, &mut seen, second.pod_id, NodePodState::Running).await;
+    let stats = &node.pods.images().stats;
+    assert_eq!(stats.pulls.load(std::sync::atomic::Ordering::Relaxed), 1, "no second pull");
+    assert_eq!(stats.bytes.load(std::sync::atomic::Ordering::Relaxed), bytes, "no bytes fetched again");
+    assert!(stats.reused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    for id in [spec.pod_id, second.pod_id] {
+        node.pods
+            .handle(&NodeJob::Delete {
+                pod_id: id,
+                generation: 9,
+                retain_volume: false,
+            })
+            .await
+            .expect("delete");
+        nothing_left(&node, id).await;
+    }
+}
+
+#[tokio::test]
+async fn a_process_past_the_memory_limit_is_oom_killed_and_reported() {
+    let mut node = TestNode::start("oom").await;
+    let image = web_image().await;
+    let mut spec = pod_spec(&image, 1);
+    spec.resources.memory_bytes = 16 << 20;
+    spec.entrypoint = Some(vec!["/bin/busybox".into(), "sh".into(), "-c".into()]);
+    spec.command = Some(vec!["echo allocating; /bin/busybox dd if=/dev/zero of=/dev/null bs=64M count=1".into()]);
+    spec.restart_policy = RestartPolicy::Never;
+    ensure(&node, &spec).await;
+    let mut seen = Vec::new();
+    let failed = wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Failed).await;
+    let reason = failed.reason.clone().unwrap_or_default();
+    assert!(reason.contains("out of memory"), "{failed:?}");
+    assert!(reason.contains("16 MiB"), "{failed:?}");
+    assert_eq!(failed.exit_code, Some(137), "{failed:?}");
+    let log = std::fs::read_to_string(node.dirs.log(spec.pod_id)).expect("the pod's log");
+    assert!(log.contains("allocating"), "{log}");
+}
+
+#[tokio::test]
+async fn pods_cannot_reach_each_other_but_reach_the_gateway_and_themselves() {
+    let mut node = TestNode::start("isolation").await;
+    let image = web_image().await;
+    let target = pod_spec(&image, 1);
+    ensure(&node, &target).await;
+    let target_ip = ip_of(&node, target.pod_id);
+    eventually(WAIT, "the target pod", || get(&target_ip, "/")).await;
+
+    // The host listens on the bridge's gateway address: the way out of the node.
+    let gateway = node.settings.gateway();
+    let listener = tokio::net::TcpListener::bind((gateway.as_str(), 0)).await.expect("bind the gateway address");
+    let gateway_port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\ngateway")
+                .await;
+        }
+    });
+
+    let mut probe = pod_spec(&image, 1);
+    probe.entrypoint = Some(vec!["/bin/busybox".into(), "sh".into(), "-c".into()]);
+    // busybox's static wget crashes here; nc speaks plain HTTP/1.0 just as well.
+    probe.command = Some(vec![format!(
+        "/bin/busybox httpd -p 8080 -h /data; \
+         fetch() {{ printf 'GET %s HTTP/1.0\\r\\n\\r\\n' \"$3\" | /bin/busybox nc -w 2 \"$1\" \"$2\"; }}; \
+         for i in 1 2 3; do \
+           if fetch {target_ip} 8080 / | /bin/busybox grep -q '200 OK'; then echo reached >> /data/other; else echo blocked >> /data/other; fi; \
+           fetch {gateway} {gateway_port} / >> /data/gateway 2>&1; echo >> /data/gateway; \
+           fetch 127.0.0.1 8080 /self.txt >> /data/self 2>&1; echo >> /data/self; \
+         done; echo done > /data/finished; sleep 3600"
+    )]);
+    ensure(&node, &probe).await;
+    std::fs::write(node.dirs.volume(probe.pod_id).join("self.txt"), "me").expect("write");
+    let volume = node.dirs.volume(probe.pod_id);
+    eventually(Duration::from_secs(60), "the probe to finish", || {
+        let done = volume.join("finished");
+        async move { anyhow::ensure!(done.exists(), "not yet"); Ok(()) }
+    })
+    .await;
+    let read = |name: &str| std::fs::read_to_string(volume.join(name)).unwrap_or_default();
+    assert_eq!(read("other").lines().collect::<Vec<_>>(), vec!["blocked"; 3], "pod-to-pod traffic must be blocked");
+    assert!(read("gateway").contains("gateway"), "the gateway must be reachable: {:?}", read("gateway"));
+    assert!(read("self").contains("me"), "a pod reaches its own services: {:?}", read("self"));
+    let _ = node.drain_reports();
+}
+
+#[tokio::test]
+async fn bad_specs_fail_with_a_reason_and_leave_nothing_behind() {
+    let mut node = TestNode::start("bad").await;
+    let image = web_image().await;
+    let registry = instapod_tests::registry::shared();
+    let mut seen = Vec::new();
+
+    let missing = pod_spec(&format!("{}/test/does-not-exist:1", registry.host()), 1);
+    ensure(&node, &missing).await;
+    let failed = wait_report(&mut node, &mut seen, missing.pod_id, NodePodState::Failed).await;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(reason.contains("image not found") && reason.contains("404"), "{reason}");
+    nothing_left(&node, missing.pod_id).await;
+
+    let mut bad_command = pod_spec(&image, 1);
+    bad_command.entrypoint = Some(vec!["/no/such/program".into()]);
+    ensure(&node, &bad_command).await;
+    let failed = wait_report(&mut node, &mut seen, bad_command.pod_id, NodePodState::Failed).await;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(reason.contains("/no/such/program"), "{reason}");
+    nothing_left(&node, bad_command.pod_id).await;
+
+    let mut absurd = pod_spec(&image, 1);
+    absurd.resources = Resources {
+        cpu_millis: 1,
+        memory_bytes: 1 << 60,
+        disk_bytes: 1,
+        pids: 1,
+    };
+    ensure(&node, &absurd).await;
+    let failed = wait_report(&mut node, &mut seen, absurd.pod_id, NodePodState::Failed).await;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(reason.contains("resources out of range") && reason.contains("memory_bytes"), "{reason}");
+    nothing_left(&node, absurd.pod_id).await;
+
+    let invalid = pod_spec("UPPER/case::bad", 1);
+    ensure(&node, &invalid).await;
+    let failed = wait_report(&mut node, &mut seen, invalid.pod_id, NodePodState::Failed).await;
+    assert!(failed.reason.unwrap_or_default().contains("invalid image reference"));
+    nothing_left(&node, invalid.pod_id).await;
+}
+
+#[tokio::test]
+async fn an_image_tarball_is_imported_and_runs_without_a_registry() {
+    let mut node = TestNode::start("import").await;
+    let name = format!("airgap.local/static-{}:1", &instapod_tests::ids::random_suffix()[..6]);
+    let tarball = process::temp_dir("import").join("image.tar");
+    ImageBuilder::busybox()
+        .entrypoint(["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"])
+        .file("/www/index.html", "imported", 0o644)
+        .build()
+        .write_oci_layout(&tarball, &name)
+        .expect("layout");
+    let info = node.pods.images().import_archive(&tarball, &name).await.expect("import");
+    assert_eq!(info.name, name);
+    let spec = pod_spec(&name, 1);
+    ensure(&node, &spec).await;
+    let mut seen = Vec::new();
+    wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Running).await;
+    let ip = ip_of(&node, spec.pod_id);
+    let (status, body) = eventually(WAIT, "the imported image's server", || get(&ip, "/")).await;
+    assert_eq!((status, body.as_str()), (200, "imported"));
+    assert_eq!(node.pods.images().stats.pulls.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // A hostile path in an archive is refused without touching the filesystem outside.
+    let bad = process::temp_dir("import-bad").join("bad.tar");
+    std::fs::write(&bad, b"not a tar archive at all").expect("write");
+    let err = node.pods.images().import_archive(&bad, "airgap.local/bad:1").await.expect_err("garbage");
+    assert!(err.to_string().contains("importing"), "{err}");
+}
+
+#[tokio::test]
+async fn restart_policy_always_restarts_after_exits_and_logs_survive_restarts() {
+    let mut node = TestNode::start("restart").await;
+    let image = web_image().await;
+    let mut spec = pod_spec(&image, 1);
+    spec.entrypoint = Some(vec!["/bin/busybox".into(), "sh".into(), "-c".into()]);
+    spec.command = Some(vec!["echo run-$(/bin/busybox date +%s%N); exit 3".into()]);
+    spec.restart_policy = RestartPolicy::Always;
+    ensure(&node, &spec).await;
+    let log = node.dirs.log(spec.pod_id);
+    let runs = eventually(Duration::from_secs(20), "three runs in the log", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let runs = text.lines().filter(|l| l.starts_with("run-")).count();
+            anyhow::ensure!(runs >= 3, "{runs} runs so far");
+            Ok(runs)
+        }
+    })
+    .await;
+    assert!(runs >= 3);
+    let mut seen = Vec::new();
+    let exited = wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Exited).await;
+    assert_eq!(exited.exit_code, Some(3));
+    assert_eq!(exited.reason.as_deref(), Some("exit code 3"));
+    assert_eq!(containers_of(&node, spec.pod_id).await, 1, "restarts reuse the one container");
+
+    let mut once = pod_spec(&image, 1);
+    once.entrypoint = spec.entrypoint.clone();
+    once.command = Some(vec!["exit 0".into()]);
+    once.restart_policy = RestartPolicy::OnFailure;
+    ensure(&node, &once).await;
+    let exited = wait_report(&mut node, &mut seen, once.pod_id, NodePodState::Exited).await;
+    assert_eq!(exited.exit_code, Some(0));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        node.pods.record(once.pod_id).expect("record").state,
+        NodePodState::Exited,
+        "a clean exit under on-failure is not restarted"
+    );
+}
+
+#[tokio::test]
+async fn resize_changes_the_running_tasks_cgroup_limits() {
+    let mut node = TestNode::start("resize").await;
+    let image = web_image().await;
+    let spec = pod_spec(&image, 1);
+    ensure(&node, &spec).await;
+    let mut seen = Vec::new();
+    wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Running).await;
+    let cgroup = Path::new("/sys/fs/cgroup/memory/instapod-test").join(spec.pod_id.to_string());
+    let limit = || {
+        std::fs::read_to_string(cgroup.join("memory.limit_in_bytes"))
+            .expect("the pod's memory cgroup")
+            .trim()
+            .parse::<u64>()
+            .expect("a number")
+    };
+    assert_eq!(limit(), 64 << 20);
+    let bigger = Resources {
+        memory_bytes: 128 << 20,
+        ..spec.resources
+    };
+    node.pods
+        .handle(&NodeJob::Resize {
+            pod_id: spec.pod_id,
+            generation: 2,
+            resources: bigger,
+        })
+        .await
+        .expect("resize");
+    assert_eq!(limit(), 128 << 20, "the running task got the new limit");
+    assert_eq!(
+        node.pods.runtime().task_state(&spec.pod_id.to_string()).await.expect("task"),
+        Some(TaskState::Running),
+        "resizing does not restart"
+    );
+    let quota = std::fs::read_to_string(
+        Path::new("/sys/fs/cgroup/cpu/instapod-test")
+            .join(spec.pod_id.to_string())
+            .join("cpu.cfs_quota_us"),
+    )
+    .expect("cpu cgroup");
+    assert_eq!(quota.trim(), "25000", "250 millicores = 25 ms per 100 ms");
+}
