@@ -44,7 +44,11 @@ pub async fn connect_runtime(config: &Config, patience: Duration) -> anyhow::Res
 }
 
 /// Builds the pod manager (shared by `run` and the tests).
-pub fn build_pods(config: &Config, runtime: Runtime, dirs: Dirs) -> anyhow::Result<(Pods, mpsc::UnboundedReceiver<instapod_common::node::PodReport>)> {
+pub fn build_pods(
+    config: &Config,
+    runtime: Runtime,
+    dirs: Dirs,
+) -> anyhow::Result<(Pods, mpsc::UnboundedReceiver<instapod_common::node::PodReport>)> {
     let registry = RegistryClient::new(config.plain_http_registries.clone())?;
     let images = ImageStore::new(runtime.clone(), registry, dirs.scratch());
     let network = Network {
@@ -56,7 +60,10 @@ pub fn build_pods(config: &Config, runtime: Runtime, dirs: Dirs) -> anyhow::Resu
     let total = crate::capacity::total(dirs.root());
     let allocatable = crate::capacity::allocatable(&total, &config.reserved);
     let max = instapod_common::node::Resources {
-        cpu_millis: config.max_pod.cpu_millis.min(u32::try_from(allocatable.cpu_millis).unwrap_or(u32::MAX)),
+        cpu_millis: config
+            .max_pod
+            .cpu_millis
+            .min(u32::try_from(allocatable.cpu_millis).unwrap_or(u32::MAX)),
         memory_bytes: config.max_pod.memory_bytes.min(allocatable.memory_bytes),
         disk_bytes: config.max_pod.disk_bytes.min(allocatable.disk_bytes),
         pids: config.max_pod.pids,
@@ -110,7 +117,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%node_id, queue = %instapod_common::node::node_queue(node_id), "joined the fleet");
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(fleet::report_loop(fleet.clone(), reports, shutdown.clone()));
-    tokio::spawn(fleet::heartbeat_loop(fleet.clone(), config.clone(), pods.clone(), shutdown.clone()));
+    tokio::spawn(fleet::heartbeat_loop(
+        fleet.clone(),
+        config.clone(),
+        pods.clone(),
+        shutdown.clone(),
+    ));
     if let Err(err) = pods.reconcile().await {
         tracing::warn!(error = %err, "initial reconcile failed");
     }
@@ -121,7 +133,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let config = config.clone();
         async move {
             loop {
-                let result = crate::jobs::run(config.redis_url.expose(), node_id, pods.clone(), config.job_concurrency).await;
+                let result =
+                    crate::jobs::run(config.redis_url.expose(), node_id, pods.clone(), config.job_concurrency).await;
                 match result {
                     Ok(()) => tracing::warn!("job consumer stopped; restarting"),
                     Err(err) => tracing::warn!(error = %err, "job consumer failed; restarting"),

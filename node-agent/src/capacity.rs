@@ -10,7 +10,9 @@ use crate::config::Reserved;
 
 /// The machine's total capacity.
 pub fn total(state_dir: &Path) -> Capacity {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
@@ -46,7 +48,10 @@ mod tests {
     #[test]
     fn the_machine_has_something_and_reservations_are_subtracted() {
         let total = total(Path::new("/"));
-        assert!(total.cpu_millis >= 1000 && total.memory_bytes > 0 && total.disk_bytes > 0, "{total:?}");
+        assert!(
+            total.cpu_millis >= 1000 && total.memory_bytes > 0 && total.disk_bytes > 0,
+            "{total:?}"
+        );
         let reserved = Reserved {
             cpu_millis: 500,
             memory_bytes: 1024,

@@ -35,12 +35,19 @@ pub fn main() -> ExitCode {
         }
     };
     if let Err(problems) = config.validate() {
-        eprintln!("instapod-node-agent: invalid configuration:\n  - {}", problems.join("\n  - "));
+        eprintln!(
+            "instapod-node-agent: invalid configuration:\n  - {}",
+            problems.join("\n  - ")
+        );
         return ExitCode::from(2);
     }
     instapod_common::telemetry::init(config.log_format, &config.log_filter);
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("instapod-node-agent: cannot start the runtime: {err}");

@@ -166,22 +166,39 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         if !(self.control_plane_url.starts_with("http://") || self.control_plane_url.starts_with("https://")) {
-            problems.push(format!("control_plane_url {:?} is not an http(s) URL", self.control_plane_url));
+            problems.push(format!(
+                "control_plane_url {:?} is not an http(s) URL",
+                self.control_plane_url
+            ));
         }
         if self.network.bridge.is_empty()
             || self.network.bridge.len() > 15
-            || !self.network.bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || !self
+                .network
+                .bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            problems.push(format!("network.bridge {:?} must be 1-15 letters, digits, - or _", self.network.bridge));
+            problems.push(format!(
+                "network.bridge {:?} must be 1-15 letters, digits, - or _",
+                self.network.bridge
+            ));
         }
         if !self.network.subnet.contains('/') {
-            problems.push(format!("network.subnet {:?} must be a CIDR such as 10.88.0.0/16", self.network.subnet));
+            problems.push(format!(
+                "network.subnet {:?} must be a CIDR such as 10.88.0.0/16",
+                self.network.subnet
+            ));
         }
         if !crate::runtime::is_valid_namespace(&self.containerd_namespace) {
-            problems.push(format!("containerd_namespace {:?} is not a valid namespace", self.containerd_namespace));
+            problems.push(format!(
+                "containerd_namespace {:?} is not a valid namespace",
+                self.containerd_namespace
+            ));
         }
         if self.heartbeat_interval_secs == 0 || self.reconcile_interval_secs == 0 || self.job_concurrency == 0 {
-            problems.push("heartbeat_interval_secs, reconcile_interval_secs and job_concurrency must be positive".into());
+            problems
+                .push("heartbeat_interval_secs, reconcile_interval_secs and job_concurrency must be positive".into());
         }
         if !self.cgroup_parent.starts_with('/') {
             problems.push(format!("cgroup_parent {:?} must start with /", self.cgroup_parent));

@@ -29,7 +29,9 @@ impl Dirs {
         for sub in ["pods", "volumes", "logs", "cni", "tmp"] {
             std::fs::create_dir_all(root.join(sub))?;
         }
-        Ok(Dirs { root: root.to_path_buf() })
+        Ok(Dirs {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn root(&self) -> &Path {

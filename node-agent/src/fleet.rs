@@ -32,7 +32,9 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("node_id", &self.node_id).finish_non_exhaustive()
+        f.debug_struct("Credentials")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,12 +52,18 @@ pub enum FleetError {
     #[error("cannot reach the control plane at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("the control plane refused {what} ({status}): {body}")]
-    Refused { what: &'static str, status: u16, body: String },
+    Refused {
+        what: &'static str,
+        status: u16,
+        body: String,
+    },
     #[error("cannot save the node credentials: {0}")]
     Storage(#[from] std::io::Error),
 }
 
 fn http_client() -> reqwest::Client {
+    // reqwest uses rustls without a bundled provider: the workspace uses aws-lc-rs only.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(15))
@@ -127,7 +135,14 @@ impl Fleet {
 
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), FleetError> {
         let url = format!("{}/internal/nodes/{}/heartbeat", self.base, self.credentials.node_id);
-        post(&self.http, &url, &self.credentials.node_token, heartbeat, "the heartbeat").await?;
+        post(
+            &self.http,
+            &url,
+            &self.credentials.node_token,
+            heartbeat,
+            "the heartbeat",
+        )
+        .await?;
         Ok(())
     }
 
@@ -147,12 +162,7 @@ fn set_private(path: &Path) -> std::io::Result<()> {
 }
 
 /// Sends a heartbeat every interval until shutdown.
-pub async fn heartbeat_loop(
-    fleet: Arc<Fleet>,
-    config: Arc<Config>,
-    pods: Pods,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn heartbeat_loop(fleet: Arc<Fleet>, config: Arc<Config>, pods: Pods, mut shutdown: watch::Receiver<bool>) {
     let total = crate::capacity::total(&config.state_dir);
     let allocatable = crate::capacity::allocatable(&total, &config.reserved);
     loop {
@@ -175,7 +185,11 @@ pub async fn heartbeat_loop(
 }
 
 /// Delivers reports in order, in batches, retrying while the control plane is away.
-pub async fn report_loop(fleet: Arc<Fleet>, mut reports: mpsc::UnboundedReceiver<PodReport>, mut shutdown: watch::Receiver<bool>) {
+pub async fn report_loop(
+    fleet: Arc<Fleet>,
+    mut reports: mpsc::UnboundedReceiver<PodReport>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut pending: std::collections::VecDeque<PodReport> = std::collections::VecDeque::new();
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -31,7 +31,9 @@ const STATES: [NodePodState; 6] = [
 /// Installs the global recorder.
 pub fn install() -> Result<PrometheusHandle, String> {
     PrometheusBuilder::new()
-        .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+        .set_buckets(&[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ])
         .map_err(|err| err.to_string())?
         .install_recorder()
         .map_err(|err| err.to_string())
@@ -78,7 +80,10 @@ pub async fn serve(listen: SocketAddr, handle: PrometheusHandle, pods: Pods) -> 
         .hoop(affix_state::inject(MetricsState { handle, pods }))
         .push(Router::with_path("metrics").get(render_metrics))
         .push(Router::with_path("healthz").get(healthz));
-    let acceptor = TcpListener::new(listen).try_bind().await.map_err(std::io::Error::other)?;
+    let acceptor = TcpListener::new(listen)
+        .try_bind()
+        .await
+        .map_err(std::io::Error::other)?;
     Server::new(acceptor).serve(router).await;
     Ok(())
 }

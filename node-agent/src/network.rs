@@ -181,7 +181,11 @@ impl Network {
                 .find(|i| i.sandbox.as_deref().unwrap_or("").is_empty() && i.name != self.bridge)
                 .map(|i| i.name.clone())
                 .ok_or_else(|| NetworkError::Failed(format!("CNI named no host interface: {out}")))?;
-            run(Path::new("bridge"), &["link", "set", "dev", &host_veth, "isolated", "on"]).await?;
+            run(
+                Path::new("bridge"),
+                &["link", "set", "dev", &host_veth, "isolated", "on"],
+            )
+            .await?;
             Ok(Attachment {
                 netns: netns.clone(),
                 ip: address,

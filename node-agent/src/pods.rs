@@ -241,7 +241,12 @@ impl Pods {
     }
 
     pub fn record(&self, id: Uuid) -> Option<PodRecord> {
-        self.inner.records.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     fn save(&self, record: &PodRecord) -> Result<(), PodError> {
@@ -377,7 +382,7 @@ impl Pods {
                     Some(record) => record,
                     None => {
                         // Never seen: leave a tombstone so an older job cannot create it.
-                        let tombstone = PodRecord {
+                        PodRecord {
                             spec: PodSpec {
                                 pod_id: id,
                                 name: String::new(),
@@ -406,8 +411,7 @@ impl Pods {
                             attachment: None,
                             retain_volume: *retain_volume,
                             restarts: 0,
-                        };
-                        tombstone
+                        }
                     }
                 };
                 record.generation = *generation;
@@ -425,8 +429,10 @@ impl Pods {
     /// Makes the pod's task run: image, volume, network, container, task.
     async fn ensure_running(&self, record: &mut PodRecord) -> Result<(), PodError> {
         let id = record.spec.pod_id;
-        if matches!(self.inner.runtime.task_state(&id.to_string()).await, Ok(Some(TaskState::Running)))
-            && self.container_matches(record).await.unwrap_or(false)
+        if matches!(
+            self.inner.runtime.task_state(&id.to_string()).await,
+            Ok(Some(TaskState::Running))
+        ) && self.container_matches(record).await.unwrap_or(false)
         {
             if record.state != NodePodState::Running {
                 self.set_state(record, NodePodState::Running, None, None);
@@ -470,7 +476,11 @@ impl Pods {
         let Some((info, _)) = self.inner.runtime.container(&record.spec.pod_id.to_string()).await? else {
             return Ok(false);
         };
-        let Ok(Some(image)) = self.inner.images.local(&ImageStore::canonical(&record.spec.image).unwrap_or_default()).await
+        let Ok(Some(image)) = self
+            .inner
+            .images
+            .local(&ImageStore::canonical(&record.spec.image).unwrap_or_default())
+            .await
         else {
             return Ok(false);
         };
@@ -520,9 +530,13 @@ impl Pods {
             Some((info, _)) if info.labels.get(LABEL_SPEC_HASH) == Some(&hash) => {}
             Some(_) => {
                 self.remove_container(id).await?;
-                self.create_container(record, &image.name, &image.chain_id, spec_json, &hash).await?;
+                self.create_container(record, &image.name, &image.chain_id, spec_json, &hash)
+                    .await?;
             }
-            None => self.create_container(record, &image.name, &image.chain_id, spec_json, &hash).await?,
+            None => {
+                self.create_container(record, &image.name, &image.chain_id, spec_json, &hash)
+                    .await?
+            }
         }
         let log = self.inner.dirs.log(id);
         match self.inner.runtime.task_state(&cid).await? {
@@ -653,7 +667,11 @@ impl Pods {
             self.inner.runtime.task_state(&cid).await.map_err(transient)?,
             Some(TaskState::Running)
         ) {
-            self.inner.runtime.update_task_resources(&cid, json).await.map_err(transient)?;
+            self.inner
+                .runtime
+                .update_task_resources(&cid, json)
+                .await
+                .map_err(transient)?;
         }
         // Keep the container's spec and hash in step so a restart keeps the new limits.
         if let Some((info, spec_json)) = self.inner.runtime.container(&cid).await.map_err(transient)?
@@ -671,7 +689,11 @@ impl Pods {
                 labels.insert(LABEL_SPEC_HASH.to_string(), spec_hash(&record.spec, &image.chain_id));
             }
             let bytes = serde_json::to_vec(&full).map_err(transient)?;
-            self.inner.runtime.update_container(&cid, bytes, labels).await.map_err(transient)?;
+            self.inner
+                .runtime
+                .update_container(&cid, bytes, labels)
+                .await
+                .map_err(transient)?;
         }
         self.save(record)?;
         Ok(())
@@ -856,7 +878,9 @@ impl Pods {
             .collect();
         for id in ids {
             let log = self.inner.dirs.log(id);
-            if let Err(err) = crate::logs::rotate_if_large(&log, self.inner.limits.log_max_bytes, self.inner.limits.log_keep) {
+            if let Err(err) =
+                crate::logs::rotate_if_large(&log, self.inner.limits.log_max_bytes, self.inner.limits.log_keep)
+            {
                 tracing::warn!(pod = %id, error = %err, "log rotation failed");
             }
         }

@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 
 use instapod_common::node::{PodSpec, Resources};
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder, Mount,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
-    LinuxCapabilitiesBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources,
+    LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::image::manifest::RunDefaults;
@@ -61,7 +60,10 @@ pub enum SpecError {
 pub fn check_resources(resources: &Resources, max: &Resources) -> Result<(), SpecError> {
     let mut problems = Vec::new();
     if resources.cpu_millis < MIN_CPU_MILLIS || resources.cpu_millis > max.cpu_millis {
-        problems.push(format!("cpu_millis {} not in {MIN_CPU_MILLIS}..={}", resources.cpu_millis, max.cpu_millis));
+        problems.push(format!(
+            "cpu_millis {} not in {MIN_CPU_MILLIS}..={}",
+            resources.cpu_millis, max.cpu_millis
+        ));
     }
     if resources.memory_bytes < MIN_MEMORY_BYTES || resources.memory_bytes > max.memory_bytes {
         problems.push(format!(
@@ -73,7 +75,10 @@ pub fn check_resources(resources: &Resources, max: &Resources) -> Result<(), Spe
         problems.push(format!("pids {} not in {MIN_PIDS}..={}", resources.pids, max.pids));
     }
     if resources.disk_bytes > max.disk_bytes {
-        problems.push(format!("disk_bytes {} exceeds {}", resources.disk_bytes, max.disk_bytes));
+        problems.push(format!(
+            "disk_bytes {} exceeds {}",
+            resources.disk_bytes, max.disk_bytes
+        ));
     }
     if problems.is_empty() {
         Ok(())
@@ -84,7 +89,11 @@ pub fn check_resources(resources: &Resources, max: &Resources) -> Result<(), Spe
 
 /// The process's argv: Docker's rules (an overridden entrypoint drops the image's cmd).
 pub fn argv(spec: &PodSpec, image: &RunDefaults) -> Result<Vec<String>, SpecError> {
-    let entrypoint = spec.entrypoint.clone().or_else(|| image.entrypoint.clone()).unwrap_or_default();
+    let entrypoint = spec
+        .entrypoint
+        .clone()
+        .or_else(|| image.entrypoint.clone())
+        .unwrap_or_default();
     let cmd = match (&spec.command, &spec.entrypoint) {
         (Some(cmd), _) => cmd.clone(),
         (None, Some(_)) => Vec::new(),
@@ -160,15 +169,32 @@ pub fn resources(resources: &Resources, with_devices: bool) -> Result<LinuxResou
                 .build()
                 .map_err(build)?,
         )
-        .pids(LinuxPidsBuilder::default().limit(i64::from(resources.pids)).build().map_err(build)?);
+        .pids(
+            LinuxPidsBuilder::default()
+                .limit(i64::from(resources.pids))
+                .build()
+                .map_err(build)?,
+        );
     if with_devices {
-        let mut rules = vec![LinuxDeviceCgroupBuilder::default()
-            .allow(false)
-            .access("rwm")
-            .build()
-            .map_err(build)?];
+        let mut rules = vec![
+            LinuxDeviceCgroupBuilder::default()
+                .allow(false)
+                .access("rwm")
+                .build()
+                .map_err(build)?,
+        ];
         // null, zero, full, random, urandom, tty, console, ptmx, and the pts.
-        for (major, minor) in [(1, Some(3)), (1, Some(5)), (1, Some(7)), (1, Some(8)), (1, Some(9)), (5, Some(0)), (5, Some(1)), (5, Some(2)), (136, None)] {
+        for (major, minor) in [
+            (1, Some(3)),
+            (1, Some(5)),
+            (1, Some(7)),
+            (1, Some(8)),
+            (1, Some(9)),
+            (5, Some(0)),
+            (5, Some(1)),
+            (5, Some(2)),
+            (136, None),
+        ] {
             let mut rule = LinuxDeviceCgroupBuilder::default()
                 .allow(true)
                 .typ(LinuxDeviceType::C)
@@ -277,7 +303,13 @@ pub fn build(pod: &PodSpec, image: &RunDefaults, paths: &PodPaths, cgroup_parent
     mounts.push(bind("/etc/resolv.conf", &paths.resolv_file, true)?);
     let mut spec = Spec::default();
     spec.set_process(Some(process))
-        .set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().map_err(build)?))
+        .set_root(Some(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(false)
+                .build()
+                .map_err(build)?,
+        ))
         .set_hostname(Some(pod.name.clone()))
         .set_mounts(Some(mounts))
         .set_linux(Some(linux));
@@ -354,14 +386,27 @@ mod tests {
         assert_eq!(json["process"]["cwd"], "/www");
         assert_eq!(json["process"]["noNewPrivileges"], true);
         let env: Vec<String> = serde_json::from_value(json["process"]["env"].clone()).expect("env");
-        assert!(env.contains(&"A=pod".to_string()) && env.contains(&"B=image".to_string()), "{env:?}");
-        let caps: Vec<String> = serde_json::from_value(json["process"]["capabilities"]["bounding"].clone()).expect("caps");
-        assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN" || c == "CAP_NET_RAW" || c == "CAP_NET_ADMIN"), "{caps:?}");
+        assert!(
+            env.contains(&"A=pod".to_string()) && env.contains(&"B=image".to_string()),
+            "{env:?}"
+        );
+        let caps: Vec<String> =
+            serde_json::from_value(json["process"]["capabilities"]["bounding"].clone()).expect("caps");
+        assert!(
+            !caps
+                .iter()
+                .any(|c| c == "CAP_SYS_ADMIN" || c == "CAP_NET_RAW" || c == "CAP_NET_ADMIN"),
+            "{caps:?}"
+        );
         let ns = json["linux"]["namespaces"].as_array().expect("namespaces");
         assert_eq!(ns.len(), 5);
         let net = ns.iter().find(|n| n["type"] == "network").expect("network namespace");
         assert_eq!(net["path"], "/run/netns/p");
-        assert!(ns.iter().filter(|n| n["type"] != "network").all(|n| n.get("path").is_none()));
+        assert!(
+            ns.iter()
+                .filter(|n| n["type"] != "network")
+                .all(|n| n.get("path").is_none())
+        );
         let res = &json["linux"]["resources"];
         assert_eq!(res["cpu"]["quota"], 50_000);
         assert_eq!(res["cpu"]["period"], 100_000);
@@ -370,7 +415,11 @@ mod tests {
         assert_eq!(res["pids"]["limit"], 128);
         assert_eq!(res["devices"][0]["allow"], false);
         assert_eq!(json["linux"]["cgroupsPath"], format!("/instapod/{}", uuid::Uuid::nil()));
-        assert!(json["linux"]["maskedPaths"].as_array().is_some_and(|m| m.iter().any(|p| p == "/proc/kcore")));
+        assert!(
+            json["linux"]["maskedPaths"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|p| p == "/proc/kcore"))
+        );
         let binds: Vec<&serde_json::Value> = json["mounts"]
             .as_array()
             .expect("mounts")
@@ -402,7 +451,10 @@ mod tests {
         for bad in ["data", "/", "/proc/x", "/sys", "/dev/shm", "/a/../proc"] {
             let mut p = pod();
             p.volume_mount = bad.into();
-            assert!(matches!(build(&p, &image(), &paths(), "/i"), Err(SpecError::VolumeMount(_))), "{bad}");
+            assert!(
+                matches!(build(&p, &image(), &paths(), "/i"), Err(SpecError::VolumeMount(_))),
+                "{bad}"
+            );
         }
         let max = Resources {
             cpu_millis: 2000,

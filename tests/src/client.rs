@@ -26,7 +26,7 @@ pub struct Client {
 }
 
 fn build_http(jar: Option<Arc<Jar>>) -> reqwest::Client {
-    let mut builder = reqwest::Client::builder()
+    let mut builder = crate::http_builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(std::time::Duration::from_secs(30));

@@ -313,7 +313,7 @@ impl ControlPlane {
     }
 
     async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder()
+        let http = crate::http_builder()
             .no_proxy()
             .timeout(Duration::from_secs(5))
             .build()

@@ -346,7 +346,7 @@ impl OciImage {
     /// Pushes the blobs and the manifest to the registry at `base_url` (`http://host:port`) as
     /// `<repository>:<tag>`, then checks that the registry serves the manifest back unchanged.
     pub async fn push(&self, base_url: &str, repository: &str, tag: &str) -> anyhow::Result<()> {
-        let http = reqwest::Client::new();
+        let http = crate::http_builder().build()?;
         let base = reqwest::Url::parse(base_url).with_context(|| format!("registry URL {base_url}"))?;
         for blob in [&self.layer, &self.config] {
             push_blob(&http, &base, repository, blob).await?;

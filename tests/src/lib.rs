@@ -51,3 +51,10 @@ pub use smtp::SmtpSink;
 pub use users::{
     Registration, TestUser, login, register_and_login, register_and_login_as, register_user, string_field, verify_email,
 };
+
+/// A reqwest client builder. reqwest is built with rustls but no bundled crypto provider (the
+/// workspace uses aws-lc-rs only), so the process-wide provider is installed first.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+}

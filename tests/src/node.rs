@@ -70,16 +70,28 @@ impl NodeSettings {
     /// The same as `INSTAPOD_AGENT_*` variables, for the binary.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("INSTAPOD_AGENT_CONTAINERD_SOCKET".into(), containerd::shared().socket().display().to_string()),
+            (
+                "INSTAPOD_AGENT_CONTAINERD_SOCKET".into(),
+                containerd::shared().socket().display().to_string(),
+            ),
             ("INSTAPOD_AGENT_CONTAINERD_NAMESPACE".into(), self.namespace.clone()),
             ("INSTAPOD_AGENT_STATE_DIR".into(), self.state_dir.display().to_string()),
             ("INSTAPOD_AGENT_CGROUP_PARENT".into(), "/instapod-test".into()),
-            ("INSTAPOD_AGENT_METRICS_LISTEN".into(), format!("127.0.0.1:{}", self.metrics_port)),
+            (
+                "INSTAPOD_AGENT_METRICS_LISTEN".into(),
+                format!("127.0.0.1:{}", self.metrics_port),
+            ),
             ("INSTAPOD_AGENT_DNS_SERVERS".into(), format!("[\"{}\"]", self.gateway())),
             ("INSTAPOD_AGENT_NETWORK__BRIDGE".into(), self.bridge.clone()),
-            ("INSTAPOD_AGENT_NETWORK__SUBNET".into(), format!("{}.0/24", self.subnet_prefix)),
+            (
+                "INSTAPOD_AGENT_NETWORK__SUBNET".into(),
+                format!("{}.0/24", self.subnet_prefix),
+            ),
             ("INSTAPOD_AGENT_RESERVED__DISK_BYTES".into(), "0".into()),
-            ("INSTAPOD_AGENT_LOG_FILTER".into(), "info,instapod_node_agent=debug".into()),
+            (
+                "INSTAPOD_AGENT_LOG_FILTER".into(),
+                "info,instapod_node_agent=debug".into(),
+            ),
         ]
     }
 
@@ -187,7 +199,12 @@ pub fn spawn_agent(settings: &NodeSettings, extra_env: &[(String, String)]) -> (
     let (out, err) = process::log_file_stdio(&log);
     let mut command = Command::new(&binary);
     process::clear_instapod_env(&mut command);
-    command.envs(settings.env()).envs(extra_env.iter().cloned()).stdin(Stdio::null()).stdout(out).stderr(err);
+    command
+        .envs(settings.env())
+        .envs(extra_env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
     let child = command
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));

@@ -76,7 +76,7 @@ async fn registry_serves_a_pushed_image_back() {
         .unwrap_or_else(|err| panic!("push failed: {err:#}\nregistry log:\n{}", registry.log_tail()));
 
     // An independent look at what the registry stores, beyond push's own check.
-    let http = reqwest::Client::new();
+    let http = instapod_tests::http_builder().build().expect("http client");
     let url = format!("{}/v2/{repository}/manifests/1", registry.base_url());
     let response = http
         .get(&url)

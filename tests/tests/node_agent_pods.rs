@@ -17,7 +17,7 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+    instapod_tests::http_builder()
         .no_proxy()
         .timeout(Duration::from_secs(3))
         .build()
@@ -74,10 +74,18 @@ async fn containers_of(node: &TestNode, id: Uuid) -> usize {
 async fn nothing_left(node: &TestNode, id: Uuid) {
     assert_eq!(containers_of(node, id).await, 0, "container left behind");
     assert!(
-        !node.pods.runtime().snapshot_exists(&id.to_string()).await.expect("stat"),
+        !node
+            .pods
+            .runtime()
+            .snapshot_exists(&id.to_string())
+            .await
+            .expect("stat"),
         "snapshot left behind"
     );
-    assert!(!instapod_node_agent::network::netns_path(id).exists(), "netns left behind");
+    assert!(
+        !instapod_node_agent::network::netns_path(id).exists(),
+        "netns left behind"
+    );
     assert!(!node.dirs.volume(id).exists(), "volume left behind");
 }
 
@@ -91,7 +99,11 @@ async fn a_pod_serves_http_keeps_its_volume_across_stop_and_start_and_is_removed
     let mut seen = Vec::new();
     let running = wait_report(&mut node, &mut seen, id, NodePodState::Running).await;
     let ip = ip_of(&node, id);
-    assert_eq!(running.ip.as_deref(), Some(ip.as_str()), "the running report carries the IP");
+    assert_eq!(
+        running.ip.as_deref(),
+        Some(ip.as_str()),
+        "the running report carries the IP"
+    );
     assert!(ip.starts_with(&node.settings.subnet_prefix), "{ip}");
     std::fs::write(node.dirs.volume(id).join("hello.txt"), "kept across restarts").expect("write into the volume");
     let (status, body) = eventually(WAIT, "the pod's HTTP server", || get(&ip, "/hello.txt")).await;
@@ -106,7 +118,10 @@ async fn a_pod_serves_http_keeps_its_volume_across_stop_and_start_and_is_removed
         .await
         .expect("stop");
     assert_eq!(node.pods.record(id).expect("record").state, NodePodState::Stopped);
-    assert_eq!(node.pods.runtime().task_state(&id.to_string()).await.expect("task"), None);
+    assert_eq!(
+        node.pods.runtime().task_state(&id.to_string()).await.expect("task"),
+        None
+    );
     assert!(get(&ip, "/hello.txt").await.is_err(), "a stopped pod must not answer");
 
     spec.generation = 3;
@@ -144,13 +159,27 @@ async fn a_job_delivered_twice_makes_one_container_and_a_second_pod_reuses_the_i
     assert_eq!((a, b), (Outcome::Applied, Outcome::Applied));
     assert_eq!(containers_of(&node, spec.pod_id).await, 1);
     assert_eq!(
-        node.pods.runtime().task_state(&spec.pod_id.to_string()).await.expect("task"),
+        node.pods
+            .runtime()
+            .task_state(&spec.pod_id.to_string())
+            .await
+            .expect("task"),
         Some(TaskState::Running)
     );
     let mut seen = Vec::new();
     wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Running).await;
-    let pulls = node.pods.images().stats.pulls.load(std::sync::atomic::Ordering::Relaxed);
-    let bytes = node.pods.images().stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let pulls = node
+        .pods
+        .images()
+        .stats
+        .pulls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let bytes = node
+        .pods
+        .images()
+        .stats
+        .bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(pulls, 1, "the first pod pulls the image once");
     assert!(bytes > 100_000, "the layer came from the registry ({bytes} bytes)");
 
@@ -158,8 +187,16 @@ async fn a_job_delivered_twice_makes_one_container_and_a_second_pod_reuses_the_i
     ensure(&node, &second).await;
     wait_report(&mut node, &mut seen, second.pod_id, NodePodState::Running).await;
     let stats = &node.pods.images().stats;
-    assert_eq!(stats.pulls.load(std::sync::atomic::Ordering::Relaxed), 1, "no second pull");
-    assert_eq!(stats.bytes.load(std::sync::atomic::Ordering::Relaxed), bytes, "no bytes fetched again");
+    assert_eq!(
+        stats.pulls.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "no second pull"
+    );
+    assert_eq!(
+        stats.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        bytes,
+        "no bytes fetched again"
+    );
     assert!(stats.reused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     for id in [spec.pod_id, second.pod_id] {
         node.pods
@@ -181,7 +218,9 @@ async fn a_process_past_the_memory_limit_is_oom_killed_and_reported() {
     let mut spec = pod_spec(&image, 1);
     spec.resources.memory_bytes = 16 << 20;
     spec.entrypoint = Some(vec!["/bin/busybox".into(), "sh".into(), "-c".into()]);
-    spec.command = Some(vec!["echo allocating; /bin/busybox dd if=/dev/zero of=/dev/null bs=64M count=1".into()]);
+    spec.command = Some(vec![
+        "echo allocating; /bin/busybox dd if=/dev/zero of=/dev/null bs=64M count=1".into(),
+    ]);
     spec.restart_policy = RestartPolicy::Never;
     ensure(&node, &spec).await;
     let mut seen = Vec::new();
@@ -205,7 +244,9 @@ async fn pods_cannot_reach_each_other_but_reach_the_gateway_and_themselves() {
 
     // The host listens on the bridge's gateway address: the way out of the node.
     let gateway = node.settings.gateway();
-    let listener = tokio::net::TcpListener::bind((gateway.as_str(), 0)).await.expect("bind the gateway address");
+    let listener = tokio::net::TcpListener::bind((gateway.as_str(), 0))
+        .await
+        .expect("bind the gateway address");
     let gateway_port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
@@ -233,13 +274,28 @@ async fn pods_cannot_reach_each_other_but_reach_the_gateway_and_themselves() {
     let volume = node.dirs.volume(probe.pod_id);
     eventually(Duration::from_secs(60), "the probe to finish", || {
         let done = volume.join("finished");
-        async move { anyhow::ensure!(done.exists(), "not yet"); Ok(()) }
+        async move {
+            anyhow::ensure!(done.exists(), "not yet");
+            Ok(())
+        }
     })
     .await;
     let read = |name: &str| std::fs::read_to_string(volume.join(name)).unwrap_or_default();
-    assert_eq!(read("other").lines().collect::<Vec<_>>(), vec!["blocked"; 3], "pod-to-pod traffic must be blocked");
-    assert!(read("gateway").contains("gateway"), "the gateway must be reachable: {:?}", read("gateway"));
-    assert!(read("self").contains("me"), "a pod reaches its own services: {:?}", read("self"));
+    assert_eq!(
+        read("other").lines().collect::<Vec<_>>(),
+        vec!["blocked"; 3],
+        "pod-to-pod traffic must be blocked"
+    );
+    assert!(
+        read("gateway").contains("gateway"),
+        "the gateway must be reachable: {:?}",
+        read("gateway")
+    );
+    assert!(
+        read("self").contains("me"),
+        "a pod reaches its own services: {:?}",
+        read("self")
+    );
     let _ = node.drain_reports();
 }
 
@@ -275,7 +331,10 @@ async fn bad_specs_fail_with_a_reason_and_leave_nothing_behind() {
     ensure(&node, &absurd).await;
     let failed = wait_report(&mut node, &mut seen, absurd.pod_id, NodePodState::Failed).await;
     let reason = failed.reason.unwrap_or_default();
-    assert!(reason.contains("resources out of range") && reason.contains("memory_bytes"), "{reason}");
+    assert!(
+        reason.contains("resources out of range") && reason.contains("memory_bytes"),
+        "{reason}"
+    );
     nothing_left(&node, absurd.pod_id).await;
 
     let invalid = pod_spec("UPPER/case::bad", 1);
@@ -296,7 +355,12 @@ async fn an_image_tarball_is_imported_and_runs_without_a_registry() {
         .build()
         .write_oci_layout(&tarball, &name)
         .expect("layout");
-    let info = node.pods.images().import_archive(&tarball, &name).await.expect("import");
+    let info = node
+        .pods
+        .images()
+        .import_archive(&tarball, &name)
+        .await
+        .expect("import");
     assert_eq!(info.name, name);
     let spec = pod_spec(&name, 1);
     ensure(&node, &spec).await;
@@ -305,12 +369,24 @@ async fn an_image_tarball_is_imported_and_runs_without_a_registry() {
     let ip = ip_of(&node, spec.pod_id);
     let (status, body) = eventually(WAIT, "the imported image's server", || get(&ip, "/")).await;
     assert_eq!((status, body.as_str()), (200, "imported"));
-    assert_eq!(node.pods.images().stats.pulls.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        node.pods
+            .images()
+            .stats
+            .pulls
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 
     // A hostile path in an archive is refused without touching the filesystem outside.
     let bad = process::temp_dir("import-bad").join("bad.tar");
     std::fs::write(&bad, b"not a tar archive at all").expect("write");
-    let err = node.pods.images().import_archive(&bad, "airgap.local/bad:1").await.expect_err("garbage");
+    let err = node
+        .pods
+        .images()
+        .import_archive(&bad, "airgap.local/bad:1")
+        .await
+        .expect_err("garbage");
     assert!(err.to_string().contains("importing"), "{err}");
 }
 
@@ -339,7 +415,11 @@ async fn restart_policy_always_restarts_after_exits_and_logs_survive_restarts() 
     let exited = wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Exited).await;
     assert_eq!(exited.exit_code, Some(3));
     assert_eq!(exited.reason.as_deref(), Some("exit code 3"));
-    assert_eq!(containers_of(&node, spec.pod_id).await, 1, "restarts reuse the one container");
+    assert_eq!(
+        containers_of(&node, spec.pod_id).await,
+        1,
+        "restarts reuse the one container"
+    );
 
     let mut once = pod_spec(&image, 1);
     once.entrypoint = spec.entrypoint.clone();
@@ -387,7 +467,11 @@ async fn resize_changes_the_running_tasks_cgroup_limits() {
         .expect("resize");
     assert_eq!(limit(), 128 << 20, "the running task got the new limit");
     assert_eq!(
-        node.pods.runtime().task_state(&spec.pod_id.to_string()).await.expect("task"),
+        node.pods
+            .runtime()
+            .task_state(&spec.pod_id.to_string())
+            .await
+            .expect("task"),
         Some(TaskState::Running),
         "resizing does not restart"
     );

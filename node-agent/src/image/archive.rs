@@ -48,7 +48,10 @@ pub fn extract(archive: &Path, dir: &Path) -> Result<Layout, String> {
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let path = entry.path().map_err(|err| format!("bad entry name: {err}"))?.into_owned();
+        let path = entry
+            .path()
+            .map_err(|err| format!("bad entry name: {err}"))?
+            .into_owned();
         let name = path.to_string_lossy().trim_start_matches("./").to_string();
         if name == "index.json" {
             if entry.size() > MAX_INDEX {
@@ -96,10 +99,25 @@ mod tests {
         std::fs::create_dir_all(&root).expect("mkdir");
         let hex = "a".repeat(64);
         let mut builder = tar::Builder::new(Vec::new());
-        append(&mut builder, "index.json", br#"{"manifests":[]}"#, tar::EntryType::Regular);
-        append(&mut builder, &format!("blobs/sha256/{hex}"), b"layer", tar::EntryType::Regular);
+        append(
+            &mut builder,
+            "index.json",
+            br#"{"manifests":[]}"#,
+            tar::EntryType::Regular,
+        );
+        append(
+            &mut builder,
+            &format!("blobs/sha256/{hex}"),
+            b"layer",
+            tar::EntryType::Regular,
+        );
         append(&mut builder, "../escape", b"x", tar::EntryType::Regular);
-        append(&mut builder, "blobs/sha256/../../escape2", b"x", tar::EntryType::Regular);
+        append(
+            &mut builder,
+            "blobs/sha256/../../escape2",
+            b"x",
+            tar::EntryType::Regular,
+        );
         append(&mut builder, "blobs/sha256/link", b"", tar::EntryType::Symlink);
         let tarball = root.join("image.tar");
         std::fs::write(&tarball, builder.into_inner().expect("tar")).expect("write");

@@ -109,23 +109,25 @@ impl ImageStore {
 
     /// The canonical name of `reference`.
     pub fn canonical(reference: &str) -> Result<String, ImageError> {
-        let parsed: ImageReference = reference.parse().map_err(|err: super::reference::ReferenceError| {
-            ImageError::InvalidReference {
-                reference: reference.to_string(),
-                reason: err.to_string(),
-            }
-        })?;
+        let parsed: ImageReference =
+            reference
+                .parse()
+                .map_err(|err: super::reference::ReferenceError| ImageError::InvalidReference {
+                    reference: reference.to_string(),
+                    reason: err.to_string(),
+                })?;
         Ok(parsed.to_string())
     }
 
     /// Makes `reference` available, pulling it when it is not on the node.
     pub async fn ensure(&self, reference: &str, auth: Option<&RegistryAuth>) -> Result<ImageInfo, ImageError> {
-        let parsed: ImageReference = reference.parse().map_err(|err: super::reference::ReferenceError| {
-            ImageError::InvalidReference {
-                reference: reference.to_string(),
-                reason: err.to_string(),
-            }
-        })?;
+        let parsed: ImageReference =
+            reference
+                .parse()
+                .map_err(|err: super::reference::ReferenceError| ImageError::InvalidReference {
+                    reference: reference.to_string(),
+                    reason: err.to_string(),
+                })?;
         let name = parsed.to_string();
         let lock = self.lock_for(&name);
         let _guard = lock.lock().await;
@@ -143,7 +145,10 @@ impl ImageStore {
             let config: ImageConfig = serde_json::from_slice(&resolved.config.bytes)
                 .map_err(|err| ImageError::Invalid(format!("the image config is not valid JSON: {err}")))?;
             let parts = Parts {
-                index: resolved.index.as_ref().map(|b| (to_local(&b.descriptor), b.bytes.clone())),
+                index: resolved
+                    .index
+                    .as_ref()
+                    .map(|b| (to_local(&b.descriptor), b.bytes.clone())),
                 manifest: (to_local(&resolved.manifest.descriptor), resolved.manifest.bytes.clone()),
                 config_desc: to_local(&resolved.config.descriptor),
                 config_bytes: resolved.config.bytes.clone(),
@@ -297,8 +302,10 @@ impl ImageStore {
                 parts.config_bytes.clone(),
             )
             .await?;
-        let mut manifest_labels =
-            HashMap::from([("containerd.io/gc.ref.content.config".to_string(), parts.config_desc.digest.clone())]);
+        let mut manifest_labels = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_string(),
+            parts.config_desc.digest.clone(),
+        )]);
         for (i, (layer, _)) in parts.layers.iter().enumerate() {
             manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), layer.digest.clone());
         }
@@ -316,7 +323,10 @@ impl ImageStore {
             .await?;
         let mut target = manifest_desc.clone();
         if let Some((index_desc, index_bytes)) = &parts.index {
-            let labels = HashMap::from([("containerd.io/gc.ref.content.m.0".to_string(), manifest_desc.digest.clone())]);
+            let labels = HashMap::from([(
+                "containerd.io/gc.ref.content.m.0".to_string(),
+                manifest_desc.digest.clone(),
+            )]);
             self.runtime
                 .write_small_blob(
                     lease,
@@ -404,7 +414,9 @@ impl AsDescriptor for super::manifest::Descriptor {
 /// The parts of an extracted OCI layout.
 async fn layout_parts(layout: &archive::Layout) -> Result<Parts, ImageError> {
     let read = |digest: &str| -> Result<(PathBuf, Bytes), ImageError> {
-        let path = layout.blob_path(digest).ok_or_else(|| ImageError::Invalid(format!("the archive lacks blob {digest}")))?;
+        let path = layout
+            .blob_path(digest)
+            .ok_or_else(|| ImageError::Invalid(format!("the archive lacks blob {digest}")))?;
         let bytes = std::fs::read(&path).map_err(|err| ImageError::Invalid(format!("reading blob {digest}: {err}")))?;
         Ok((path, Bytes::from(bytes)))
     };
@@ -416,16 +428,16 @@ async fn layout_parts(layout: &archive::Layout) -> Result<Parts, ImageError> {
         .cloned()
         .ok_or_else(|| ImageError::Invalid("index.json lists no manifest".into()))?;
     let (_, top_bytes) = read(&top.digest)?;
-    let top_doc: Document =
-        serde_json::from_slice(&top_bytes).map_err(|err| ImageError::Invalid(format!("{} is not JSON: {err}", top.digest)))?;
+    let top_doc: Document = serde_json::from_slice(&top_bytes)
+        .map_err(|err| ImageError::Invalid(format!("{} is not JSON: {err}", top.digest)))?;
     let (index_part, manifest_desc, manifest_bytes, manifest) = if top_doc.is_index() {
         let desc = top_doc
             .manifest_for_host()
             .cloned()
             .ok_or_else(|| ImageError::Invalid("the image has no manifest for this platform".into()))?;
         let (_, bytes) = read(&desc.digest)?;
-        let doc: Document =
-            serde_json::from_slice(&bytes).map_err(|err| ImageError::Invalid(format!("{} is not JSON: {err}", desc.digest)))?;
+        let doc: Document = serde_json::from_slice(&bytes)
+            .map_err(|err| ImageError::Invalid(format!("{} is not JSON: {err}", desc.digest)))?;
         (Some((local_of(&top), top_bytes)), desc, bytes, doc)
     } else {
         (None, top, top_bytes.clone(), top_doc)

@@ -58,7 +58,9 @@ pub enum TaskState {
     Created,
     Running,
     /// Exited with this status; not yet deleted.
-    Stopped { exit_status: u32 },
+    Stopped {
+        exit_status: u32,
+    },
     Paused,
     Unknown,
 }

@@ -131,7 +131,12 @@ impl Runtime {
 
     /// Unpacks `layers` (with their uncompressed `diff_ids`) into committed snapshots named by
     /// chain id; returns the top chain id. Layers already unpacked are skipped.
-    pub async fn unpack(&self, lease: &Lease, layers: &[Descriptor], diff_ids: &[String]) -> Result<String, RuntimeError> {
+    pub async fn unpack(
+        &self,
+        lease: &Lease,
+        layers: &[Descriptor],
+        diff_ids: &[String],
+    ) -> Result<String, RuntimeError> {
         if layers.len() != diff_ids.len() || layers.is_empty() {
             return Err(RuntimeError::Invalid(format!(
                 "the image has {} layers but its config lists {} diff ids",
@@ -145,7 +150,11 @@ impl Runtime {
             if self.snapshot_exists(chain_id).await? {
                 continue;
             }
-            let parent = if index == 0 { String::new() } else { chain[index - 1].clone() };
+            let parent = if index == 0 {
+                String::new()
+            } else {
+                chain[index - 1].clone()
+            };
             let key = format!("instapod-extract-{}-{chain_id}", uuid::Uuid::new_v4().simple());
             let mounts = SnapshotsClient::new(self.channel())
                 .prepare(self.leased_request(
