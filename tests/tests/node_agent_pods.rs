@@ -483,3 +483,44 @@ async fn resize_changes_the_running_tasks_cgroup_limits() {
     .expect("cpu cgroup");
     assert_eq!(quota.trim(), "25000", "250 millicores = 25 ms per 100 ms");
 }
+
+#[tokio::test]
+async fn a_killed_task_is_restarted_and_reconcile_removes_containers_of_no_pod() {
+    let mut node = TestNode::start("reconcile").await;
+    let image = web_image().await;
+    let mut kept = pod_spec(&image, 1);
+    kept.restart_policy = RestartPolicy::Always;
+    let orphan = pod_spec(&image, 1);
+    ensure(&node, &kept).await;
+    ensure(&node, &orphan).await;
+    let mut seen = Vec::new();
+    wait_report(&mut node, &mut seen, orphan.pod_id, NodePodState::Running).await;
+
+    // The kept pod's task dies behind the agent's back; the orphan's record disappears (as if
+    // the pod had been deleted while its container lingered).
+    let runtime = node.pods.runtime().clone();
+    runtime.kill_task(&kept.pod_id.to_string(), 9).await.expect("kill");
+    let exited = wait_report(&mut node, &mut seen, kept.pod_id, NodePodState::Exited).await;
+    assert_eq!(exited.exit_code, Some(137), "{exited:?}");
+    std::fs::remove_file(node.dirs.record(orphan.pod_id)).expect("remove the orphan's record");
+    node.pods.load_records().expect("reload records");
+
+    node.pods.reconcile().await.expect("reconcile");
+    assert_eq!(
+        containers_of(&node, orphan.pod_id).await,
+        0,
+        "the orphan's container is removed"
+    );
+    assert!(!instapod_node_agent::network::netns_path(orphan.pod_id).exists());
+    eventually(WAIT, "the kept pod to run again", || {
+        let runtime = runtime.clone();
+        let id = kept.pod_id.to_string();
+        async move {
+            let state = runtime.task_state(&id).await?;
+            anyhow::ensure!(state == Some(TaskState::Running), "{state:?}");
+            Ok(())
+        }
+    })
+    .await;
+    assert_eq!(containers_of(&node, kept.pod_id).await, 1);
+}
