@@ -4,6 +4,10 @@
 //!
 //! Images reach it with [`crate::images::OciImage::push`]; containerd pulls from it as
 //! `127.0.0.1:<port>/<name>:<tag>` over plain HTTP.
+//!
+//! [`Registry::start_authenticated`] starts a second server over the same storage that demands
+//! HTTP basic credentials (an htpasswd file with a bcrypt hash): what is pushed to the open one
+//! can be pulled from it only with the right username and password.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -22,6 +26,7 @@ const DEBIAN_BINARY: &str = "/usr/bin/docker-registry";
 #[derive(Debug)]
 pub struct Registry {
     port: u16,
+    storage: PathBuf,
     process: ServiceProcess,
 }
 
@@ -41,16 +46,23 @@ fn registry_binary() -> PathBuf {
     })
 }
 
-/// The registry's config: filesystem storage under `storage`, plain HTTP on 127.0.0.1:`port`.
-fn config_yaml(storage: &Path, port: u16) -> String {
+/// The registry's config: filesystem storage under `storage`, plain HTTP on 127.0.0.1:`port`,
+/// and basic authentication against `htpasswd` when given.
+fn config_yaml(storage: &Path, port: u16, htpasswd: Option<&Path>) -> String {
     // serde_json's string escaping is valid YAML (YAML is a superset of JSON's scalars).
     let storage = serde_json::to_string(&storage.to_string_lossy()).expect("a string serializes");
+    let auth = htpasswd
+        .map(|path| {
+            let path = serde_json::to_string(&path.to_string_lossy()).expect("a string serializes");
+            format!("auth:\n  htpasswd:\n    realm: instapod-test\n    path: {path}\n")
+        })
+        .unwrap_or_default();
     format!(
         "# A private registry started by the Instapod test harness.\n\
          version: 0.1\n\
          log:\n  level: info\n  accesslog:\n    disabled: true\n\
          storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-         http:\n  addr: \"127.0.0.1:{port}\"\n"
+         http:\n  addr: \"127.0.0.1:{port}\"\n{auth}"
     )
 }
 
@@ -58,15 +70,29 @@ impl Registry {
     /// Starts a new registry and waits until `GET /v2/` answers 200. Panics with its log
     /// otherwise.
     pub fn start() -> Registry {
-        let binary = registry_binary();
         let dir = process::temp_dir("registry");
         let storage = dir.join("storage");
         fs::create_dir_all(&storage).unwrap_or_else(|err| panic!("cannot create {}: {err}", storage.display()));
+        Registry::start_on(&dir, &storage, None)
+    }
+
+    /// Starts a registry over the storage of `open` (so it serves the same images) that answers
+    /// only requests with `username` and `password`.
+    pub fn start_authenticated(open: &Registry, username: &str, password: &str) -> Registry {
+        let dir = process::temp_dir("registry-auth");
+        let hash = bcrypt::hash(password, 4).expect("bcrypt hash");
+        let htpasswd = dir.join("htpasswd");
+        fs::write(&htpasswd, format!("{username}:{hash}\n")).expect("write htpasswd");
+        Registry::start_on(&dir, &open.storage, Some(&htpasswd))
+    }
+
+    fn start_on(dir: &Path, storage: &Path, htpasswd: Option<&Path>) -> Registry {
+        let binary = registry_binary();
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = process::free_port();
             let config = dir.join(format!("config-{port}.yml"));
-            fs::write(&config, config_yaml(&storage, port))
+            fs::write(&config, config_yaml(storage, port, htpasswd))
                 .unwrap_or_else(|err| panic!("cannot write {}: {err}", config.display()));
             let log_path = dir.join(format!("registry-{port}.log"));
             let (stdout, stderr) = process::log_file_stdio(&log_path);
@@ -74,7 +100,7 @@ impl Registry {
             command
                 .arg("serve")
                 .arg(&config)
-                .current_dir(&dir)
+                .current_dir(dir)
                 .stdin(Stdio::null())
                 .stdout(stdout)
                 .stderr(stderr);
@@ -89,11 +115,12 @@ impl Registry {
                 .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
             process::register_child(&child, StopSignal::Kill);
             match process::wait_ready("docker-registry", &mut child, Duration::from_secs(30), || {
-                api_answers(port)
+                api_answers(port, if htpasswd.is_some() { b"401" } else { b"200" })
             }) {
                 Ok(()) => {
                     return Registry {
                         port,
+                        storage: storage.to_path_buf(),
                         process: ServiceProcess::new(child, log_path),
                     };
                 }
@@ -132,8 +159,9 @@ impl Registry {
     }
 }
 
-/// Whether `GET /v2/` answers 200 (the API version check of the distribution spec).
-fn api_answers(port: u16) -> bool {
+/// Whether `GET /v2/` answers with `expected` (the API version check of the distribution spec:
+/// 200, or 401 when credentials are required).
+fn api_answers(port: u16, expected: &[u8; 3]) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
@@ -143,5 +171,5 @@ fn api_answers(port: u16) -> bool {
         return false;
     }
     let mut status = [0u8; 12];
-    stream.read_exact(&mut status).is_ok() && status.starts_with(b"HTTP/1.") && &status[9..12] == b"200"
+    stream.read_exact(&mut status).is_ok() && status.starts_with(b"HTTP/1.") && &status[9..12] == expected
 }

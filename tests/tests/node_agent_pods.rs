@@ -524,3 +524,114 @@ async fn a_killed_task_is_restarted_and_reconcile_removes_containers_of_no_pod()
     .await;
     assert_eq!(containers_of(&node, kept.pod_id).await, 1);
 }
+
+#[tokio::test]
+async fn a_private_registry_is_pulled_from_with_credentials_and_refused_without() {
+    let mut node = TestNode::start("auth").await;
+    let image = web_image().await;
+    let open = instapod_tests::registry::shared();
+    let private = instapod_tests::Registry::start_authenticated(open, "puller", "s3cret-pass");
+    // The same image, served by the registry that wants credentials.
+    let private_image = image.replacen(&open.host(), &private.host(), 1);
+    let mut seen = Vec::new();
+
+    let anonymous = pod_spec(&private_image, 1);
+    ensure(&node, &anonymous).await;
+    let failed = wait_report(&mut node, &mut seen, anonymous.pod_id, NodePodState::Failed).await;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(reason.contains("401"), "{reason}");
+    nothing_left(&node, anonymous.pod_id).await;
+
+    let mut wrong = pod_spec(&private_image, 1);
+    wrong.registry_auth = Some(instapod_common::node::RegistryAuth {
+        username: "puller".into(),
+        password: "wrong".into(),
+    });
+    ensure(&node, &wrong).await;
+    let failed = wait_report(&mut node, &mut seen, wrong.pod_id, NodePodState::Failed).await;
+    let reason = failed.reason.unwrap_or_default();
+    assert!(
+        reason.contains("refused") && !reason.contains("wrong"),
+        "no password in reasons: {reason}"
+    );
+
+    let mut right = pod_spec(&private_image, 1);
+    right.registry_auth = Some(instapod_common::node::RegistryAuth {
+        username: "puller".into(),
+        password: "s3cret-pass".into(),
+    });
+    ensure(&node, &right).await;
+    wait_report(&mut node, &mut seen, right.pod_id, NodePodState::Running).await;
+    assert_eq!(
+        node.pods
+            .images()
+            .stats
+            .pulls
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn stop_kills_a_process_that_ignores_sigterm_after_the_grace_period_and_delete_can_keep_the_volume() {
+    let mut node = TestNode::start("grace").await;
+    let image = web_image().await;
+    let mut spec = pod_spec(&image, 1);
+    spec.entrypoint = Some(vec!["/bin/busybox".into(), "sh".into(), "-c".into()]);
+    spec.command = Some(vec![
+        "trap '' TERM; echo ignoring; while true; do /bin/busybox sleep 1; done".into(),
+    ]);
+    ensure(&node, &spec).await;
+    let log = node.dirs.log(spec.pod_id);
+    eventually(WAIT, "the trap to be set", || {
+        let log = log.clone();
+        async move {
+            anyhow::ensure!(
+                std::fs::read_to_string(&log).unwrap_or_default().contains("ignoring"),
+                "not yet"
+            );
+            Ok(())
+        }
+    })
+    .await;
+    std::fs::write(node.dirs.volume(spec.pod_id).join("keep.txt"), "data").expect("write");
+    let started = std::time::Instant::now();
+    node.pods
+        .handle(&NodeJob::Stop {
+            pod_id: spec.pod_id,
+            generation: 2,
+            grace_secs: 1,
+        })
+        .await
+        .expect("stop");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(1),
+        "SIGKILL must wait for the grace period ({took:?})"
+    );
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    assert_eq!(
+        node.pods
+            .runtime()
+            .task_state(&spec.pod_id.to_string())
+            .await
+            .expect("task"),
+        None
+    );
+    let mut seen = Vec::new();
+    wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Stopped).await;
+
+    node.pods
+        .handle(&NodeJob::Delete {
+            pod_id: spec.pod_id,
+            generation: 3,
+            retain_volume: true,
+        })
+        .await
+        .expect("delete");
+    assert_eq!(containers_of(&node, spec.pod_id).await, 0);
+    assert_eq!(
+        std::fs::read_to_string(node.dirs.volume(spec.pod_id).join("keep.txt")).expect("the retained volume"),
+        "data"
+    );
+}
