@@ -2,6 +2,7 @@
 //! `INSTAPOD_CONFIG`) with `INSTAPOD_*` environment overrides (`INSTAPOD_MAIL__SMTP_URL` sets
 //! `mail.smtp_url`). Every field has a default that suits the local stack.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use instapod_common::config::Secret;
@@ -44,6 +45,23 @@ pub struct Config {
     pub log_filter: String,
     /// Outgoing mail.
     pub mail: MailConfig,
+    /// The fleet's join token: a node agent sends it as `Authorization: Bearer <token>` to
+    /// `POST /internal/nodes/join` and receives its own node token. At least 16 characters
+    /// when set (use 32 random ones). Empty (the default) refuses every join with 403
+    /// `node_join_disabled`.
+    pub node_join_token: Secret,
+    /// How often a node sends a heartbeat, in seconds; told to each node in its join answer.
+    /// Default 5.
+    pub node_heartbeat_interval_secs: u64,
+    /// A healthy node whose last heartbeat is older than this many seconds is marked
+    /// `unhealthy`; its next heartbeat makes it `healthy` again. Must exceed the interval.
+    /// Default 20.
+    pub node_heartbeat_timeout_secs: u64,
+    /// Image references that replace the catalog's seeded `runtimes.image` in what
+    /// `GET /api/runtimes` answers, by runtime id: `{ static = "127.0.0.1:5055/instapod/static:1" }`.
+    /// The local stack points `static` at its loopback registry; production leaves it empty
+    /// (or points runtimes at public registries). Default: none.
+    pub runtime_images: BTreeMap<String, String>,
 }
 
 /// Outgoing mail: verification and password-reset messages.
@@ -78,6 +96,10 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_filter: "info".to_string(),
             mail: MailConfig::default(),
+            node_join_token: Secret::default(),
+            node_heartbeat_interval_secs: 5,
+            node_heartbeat_timeout_secs: 20,
+            runtime_images: BTreeMap::new(),
         }
     }
 }
@@ -92,6 +114,12 @@ impl Default for MailConfig {
         }
     }
 }
+
+/// The shortest join token accepted, so that it cannot be guessed.
+pub const MIN_JOIN_TOKEN_CHARS: usize = 16;
+
+/// The longest heartbeat timeout accepted (a day); longer would hide dead nodes for good.
+const MAX_HEARTBEAT_TIMEOUT_SECS: u64 = 86_400;
 
 impl Config {
     /// Checks what serde cannot; returns every problem found.
@@ -118,11 +146,110 @@ impl Config {
         if self.mail.max_attempts < 1 {
             problems.push("mail.max_attempts must be at least 1".to_string());
         }
+        let join_token = self.node_join_token.expose();
+        if !join_token.is_empty() && join_token.chars().count() < MIN_JOIN_TOKEN_CHARS {
+            problems.push(format!(
+                "node_join_token must be empty (joining disabled) or at least {MIN_JOIN_TOKEN_CHARS} characters"
+            ));
+        }
+        if join_token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            problems.push("node_join_token must not contain whitespace or control characters".to_string());
+        }
+        if self.node_heartbeat_interval_secs == 0 {
+            problems.push("node_heartbeat_interval_secs must be at least 1".to_string());
+        }
+        if self.node_heartbeat_timeout_secs <= self.node_heartbeat_interval_secs {
+            problems.push(format!(
+                "node_heartbeat_timeout_secs ({}) must be greater than node_heartbeat_interval_secs ({})",
+                self.node_heartbeat_timeout_secs, self.node_heartbeat_interval_secs
+            ));
+        }
+        if self.node_heartbeat_timeout_secs > MAX_HEARTBEAT_TIMEOUT_SECS {
+            problems.push(format!(
+                "node_heartbeat_timeout_secs must be at most {MAX_HEARTBEAT_TIMEOUT_SECS} (a day)"
+            ));
+        }
+        for (runtime, image) in &self.runtime_images {
+            if runtime.is_empty() || runtime.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                problems.push(format!(
+                    "runtime_images: runtime id {runtime:?} must be non-empty without whitespace"
+                ));
+            }
+            if image.is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                problems.push(format!(
+                    "runtime_images.{runtime}: image reference {image:?} must be non-empty without whitespace"
+                ));
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
     /// Whether users reach us over HTTPS (then cookies are `Secure`).
     pub fn served_over_https(&self) -> bool {
         self.public_url.starts_with("https://")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(config: Config, expected_problem: Option<&str>) {
+        match (config.validate(), expected_problem) {
+            (Ok(()), None) => {}
+            (Err(problems), Some(expected)) => assert!(
+                problems.iter().any(|problem| problem.contains(expected)),
+                "expected a problem containing {expected:?}, got {problems:?}"
+            ),
+            (outcome, expected) => panic!("expected {expected:?}, got {outcome:?}"),
+        }
+    }
+
+    #[test]
+    fn node_settings_are_validated() {
+        check(Config::default(), None);
+        check(
+            Config {
+                node_join_token: Secret::new("a-long-enough-join-token"),
+                ..Config::default()
+            },
+            None,
+        );
+        check(
+            Config {
+                node_join_token: Secret::new("short"),
+                ..Config::default()
+            },
+            Some("at least 16 characters"),
+        );
+        check(
+            Config {
+                node_join_token: Secret::new("a long enough join token"),
+                ..Config::default()
+            },
+            Some("whitespace"),
+        );
+        check(
+            Config {
+                node_heartbeat_interval_secs: 5,
+                node_heartbeat_timeout_secs: 5,
+                ..Config::default()
+            },
+            Some("must be greater than node_heartbeat_interval_secs"),
+        );
+        check(
+            Config {
+                node_heartbeat_interval_secs: 0,
+                ..Config::default()
+            },
+            Some("node_heartbeat_interval_secs must be at least 1"),
+        );
+        check(
+            Config {
+                runtime_images: BTreeMap::from([("static".to_string(), String::new())]),
+                ..Config::default()
+            },
+            Some("runtime_images.static"),
+        );
     }
 }

@@ -233,3 +233,63 @@ impl From<crate::teams::TeamError> for ApiError {
         }
     }
 }
+
+impl From<crate::nodes::tokens::JoinTokenError> for ApiError {
+    fn from(err: crate::nodes::tokens::JoinTokenError) -> Self {
+        use crate::nodes::tokens::JoinTokenError;
+        let message = err.to_string();
+        match err {
+            JoinTokenError::Disabled => ApiError::new(StatusCode::FORBIDDEN, "node_join_disabled", message),
+            JoinTokenError::Invalid => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_join_token", message),
+        }
+    }
+}
+
+impl From<crate::nodes::store::JoinError> for ApiError {
+    fn from(err: crate::nodes::store::JoinError) -> Self {
+        use crate::nodes::store::JoinError;
+        match err {
+            JoinError::NameTaken(_) => ApiError::conflict("node_name_taken", err.to_string()),
+            JoinError::Db(err) => err.into(),
+        }
+    }
+}
+
+/// The one answer for every node-token failure, whether or not the node exists.
+fn invalid_node_token() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_node_token",
+        "missing or invalid node token for this node id; join again",
+    )
+}
+
+impl From<crate::nodes::store::NodeAuthError> for ApiError {
+    fn from(err: crate::nodes::store::NodeAuthError) -> Self {
+        use crate::nodes::store::NodeAuthError;
+        match err {
+            NodeAuthError::InvalidToken => invalid_node_token(),
+            NodeAuthError::Db(err) => err.into(),
+        }
+    }
+}
+
+impl From<crate::nodes::store::HeartbeatError> for ApiError {
+    fn from(err: crate::nodes::store::HeartbeatError) -> Self {
+        use crate::nodes::store::HeartbeatError;
+        match err {
+            HeartbeatError::TokenRevoked(_) => invalid_node_token(),
+            HeartbeatError::Db(err) => err.into(),
+        }
+    }
+}
+
+impl From<crate::nodes::store::RecordReportsError> for ApiError {
+    fn from(err: crate::nodes::store::RecordReportsError) -> Self {
+        use crate::nodes::store::RecordReportsError;
+        match err {
+            RecordReportsError::TokenRevoked(_) => invalid_node_token(),
+            RecordReportsError::Db(err) => err.into(),
+        }
+    }
+}

@@ -10,6 +10,7 @@ pub mod http;
 pub mod mail;
 pub mod maintenance;
 pub mod migrate;
+pub mod nodes;
 pub mod ratelimit;
 pub mod shared_client;
 pub mod teams;
@@ -61,7 +62,8 @@ pub async fn bootstrap_user(
     }))
 }
 
-/// Runs the control plane until SIGINT/SIGTERM: migrations, the mail worker and the HTTP server.
+/// Runs the control plane until SIGINT/SIGTERM: migrations, the workers (mail, maintenance,
+/// node health) and the HTTP server.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let applied = migrate(&config).await?;
     tracing::info!(applied, "migrations up to date");
@@ -92,6 +94,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mail_worker = mail::worker::MailWorker::new(db.clone(), config.mail.clone())?;
     let mail_task = tokio::spawn(mail_worker.run(shutdown_rx.clone()));
     let maintenance_task = tokio::spawn(maintenance::run(db.clone(), shutdown_rx.clone()));
+    let node_health_task = tokio::spawn(nodes::health::run(
+        db.clone(),
+        std::time::Duration::from_secs(config.node_heartbeat_timeout_secs),
+        shutdown_rx.clone(),
+    ));
+    warn_unknown_runtime_images(&db, &config).await;
     let upkeep_task = tokio::spawn(metrics_upkeep(metrics, shutdown_rx));
 
     let acceptor = TcpListener::new(config.listen)
@@ -108,8 +116,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
     server.serve(http::router::service(state)).await;
     let _sent = shutdown_tx.send(true);
-    let _finished = tokio::join!(mail_task, maintenance_task, upkeep_task);
+    let _finished = tokio::join!(mail_task, maintenance_task, node_health_task, upkeep_task);
     Ok(())
+}
+
+/// Logs each `runtime_images` entry that names no runtime of the catalog (a typo would
+/// otherwise silently change nothing). Best effort: the catalog may still be edited later.
+async fn warn_unknown_runtime_images(db: &db::Pool, config: &config::Config) {
+    if config.runtime_images.is_empty() {
+        return;
+    }
+    let known = async {
+        let client = db::connect(db).await?;
+        let rows = client.query("SELECT id FROM runtimes", &[]).await?;
+        Ok::<_, db::DbError>(rows.iter().map(|row| row.get::<_, String>(0)).collect::<Vec<_>>())
+    };
+    match known.await {
+        Ok(known) => {
+            for runtime in config.runtime_images.keys().filter(|id| !known.contains(id)) {
+                tracing::warn!(runtime = %runtime, "runtime_images names a runtime the catalog does not have");
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot check runtime_images against the catalog"),
+    }
 }
 
 async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, mut shutdown: watch::Receiver<bool>) {

@@ -1,5 +1,6 @@
-//! Opaque secrets: session tokens and one-time codes. 256 random bits, base64url, with a
-//! prefix saying what they are (`ipd_` session, `ipv_` verify email, `ipr_` reset password).
+//! Opaque secrets: session tokens, one-time codes and node tokens. 256 random bits, base64url,
+//! with a prefix saying what they are (`ipd_` session, `ipv_` verify email, `ipr_` reset
+//! password, `ipn_` a node agent's token, see `nodes::tokens`).
 //! Only the SHA-256 of a token is ever stored, so a database leak yields no usable token.
 
 use base64::Engine as _;
@@ -13,6 +14,8 @@ pub enum TokenKind {
     Session,
     VerifyEmail,
     ResetPassword,
+    /// A node agent's credential for the `/internal` API.
+    Node,
 }
 
 impl TokenKind {
@@ -21,6 +24,7 @@ impl TokenKind {
             TokenKind::Session => "ipd_",
             TokenKind::VerifyEmail => "ipv_",
             TokenKind::ResetPassword => "ipr_",
+            TokenKind::Node => "ipn_",
         }
     }
 }

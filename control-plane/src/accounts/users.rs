@@ -156,7 +156,9 @@ async fn issue_code(
     let (purpose, ttl) = match kind {
         TokenKind::VerifyEmail => ("verify_email", VERIFY_CODE_TTL),
         TokenKind::ResetPassword => ("reset_password", RESET_CODE_TTL),
-        TokenKind::Session => unreachable!("sessions are issued by sessions::create"),
+        TokenKind::Session | TokenKind::Node => {
+            unreachable!("sessions are issued by sessions::create, node tokens by nodes::store::join")
+        }
     };
     let code = tokens::generate(kind);
     client

@@ -1,5 +1,6 @@
 //! The four catalog endpoints: plans, regions, runtimes and presets. Seeded by migrations,
-//! edited by operators in SQL, readable without authentication.
+//! edited by operators in SQL, readable without authentication. A runtime's image may be
+//! replaced by configuration (`runtime_images`).
 
 use std::collections::BTreeMap;
 
@@ -44,7 +45,7 @@ pub struct RuntimeView {
     pub id: String,
     pub name: String,
     pub version: String,
-    /// OCI image reference.
+    /// OCI image reference (the `runtime_images` setting overrides the catalog's).
     pub image: String,
     pub default_command: Vec<String>,
     pub http_port: i32,
@@ -122,7 +123,8 @@ pub async fn regions(depot: &mut Depot) -> Result<Json<RegionList>, ApiError> {
 /// List available runtimes
 #[endpoint(tags("catalog"))]
 pub async fn runtimes(depot: &mut Depot) -> Result<Json<RuntimeList>, ApiError> {
-    let client = db::connect(&app(depot).db).await?;
+    let state = app(depot);
+    let client = db::connect(&state.db).await?;
     let rows = client
         .query(
             "SELECT id, name, version, image, default_command, http_port FROM runtimes ORDER BY sort_order, id",
@@ -131,13 +133,21 @@ pub async fn runtimes(depot: &mut Depot) -> Result<Json<RuntimeList>, ApiError> 
         .await?;
     let list = rows
         .iter()
-        .map(|row| RuntimeView {
-            id: row.get(0),
-            name: row.get(1),
-            version: row.get(2),
-            image: row.get(3),
-            default_command: row.get(4),
-            http_port: row.get(5),
+        .map(|row| {
+            let id: String = row.get(0);
+            // `runtime_images` points a runtime at another registry (the local stack's).
+            let image = match state.config.runtime_images.get(&id) {
+                Some(image) => image.clone(),
+                None => row.get(3),
+            };
+            RuntimeView {
+                id,
+                name: row.get(1),
+                version: row.get(2),
+                image,
+                default_command: row.get(4),
+                http_port: row.get(5),
+            }
         })
         .collect();
     Ok(Json(RuntimeList { runtimes: list }))

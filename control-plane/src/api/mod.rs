@@ -1,8 +1,10 @@
-//! The public API's handlers, one file per area of the spec. Each handler parses, authorises,
-//! calls one domain operation and maps its result; request and response types live beside it.
+//! The API's handlers, one file per area of the spec (and `internal` for node agents). Each
+//! handler parses, authorises, calls one domain operation and maps its result; request and
+//! response types live beside it.
 
 pub mod auth;
 pub mod catalog;
+pub mod internal;
 pub mod pages;
 pub mod platform;
 pub mod responses;

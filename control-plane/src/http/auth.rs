@@ -26,7 +26,8 @@ pub enum CredentialSource {
     Cookie,
 }
 
-fn bearer_token(req: &Request) -> Option<String> {
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer_token(req: &Request) -> Option<String> {
     let value = req.headers().get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())

@@ -1,5 +1,5 @@
-//! The route table: every path of the spec that is implemented, the hoops around them, and the
-//! OpenAPI document built from the same routes.
+//! The route table: every path of the spec that is implemented, the internal node API under
+//! `/internal`, the hoops around them, and the OpenAPI document built from the public routes.
 
 use salvo::affix_state;
 use salvo::catcher::Catcher;
@@ -49,6 +49,14 @@ fn api_router() -> Router {
     Router::with_path("api").push(public).push(authenticated)
 }
 
+/// The internal API for node agents (bearer tokens only; not in the OpenAPI document).
+fn internal_router() -> Router {
+    Router::with_path("internal/nodes")
+        .push(Router::with_path("join").post(api::internal::join))
+        .push(Router::with_path("{id}/heartbeat").post(api::internal::heartbeat))
+        .push(Router::with_path("{id}/reports").post(api::internal::reports))
+}
+
 fn platform_router() -> Router {
     let mut router = Router::new().get(api::pages::account_page);
     for path in ["login", "register", "verify-email", "forgot-password", "reset-password"] {
@@ -79,6 +87,7 @@ pub fn service(state: AppState) -> Service {
     let doc = openapi();
     let router = Router::new()
         .push(api_router())
+        .push(internal_router())
         .push(platform_router())
         .push(doc.into_router("/api/openapi.json"))
         .push(SwaggerUi::new("/api/openapi.json").into_router("/api/docs"));

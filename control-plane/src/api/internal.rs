@@ -1,0 +1,117 @@
+//! The internal API for node agents, under `/internal` (not part of the public spec or the
+//! OpenAPI document): join, heartbeat and pod reports. The bodies are the wire types of
+//! `instapod_common::node`; the rules are in `nodes` and in docs/api.md.
+//!
+//! Agents authenticate with `Authorization: Bearer …` only: the fleet's join token for a join,
+//! their own node token afterwards. They send no cookies and no `Origin`, so the service-wide
+//! same-origin hoop (which only refuses unsafe requests naming a foreign `Origin`) never stands
+//! in their way, and the session hoop (`require_auth`) is not on these routes.
+
+use instapod_common::node::{Heartbeat, JoinRequest, JoinResponse, ReportBatch, node_queue};
+use salvo::http::{HeaderValue, StatusCode};
+use salvo::prelude::*;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::http::auth::bearer_token;
+use crate::http::json::{self, MAX_NODE_JSON_BODY};
+use crate::http::state::app;
+use crate::nodes::store::{self, AuthenticatedNode, JoinKind, NodeAuthError};
+use crate::nodes::validate::{self, MAX_REPORTS_PER_BATCH};
+use crate::nodes::{NodeStatus, tokens};
+
+/// The answer to a heartbeat.
+#[derive(Debug, Serialize)]
+pub struct HeartbeatAnswer {
+    pub node_id: Uuid,
+    pub status: NodeStatus,
+}
+
+/// The answer to a report batch.
+#[derive(Debug, Serialize)]
+pub struct ReportsAnswer {
+    /// How many reports were stored.
+    pub accepted: u64,
+}
+
+/// Authenticates the node named by the path's `{id}` with the request's bearer token. A
+/// malformed id answers like a wrong token: no node has it.
+async fn authenticate_node(req: &Request, depot: &Depot) -> Result<AuthenticatedNode, ApiError> {
+    let node_id = req.param::<Uuid>("id").ok_or(NodeAuthError::InvalidToken)?;
+    let token = bearer_token(req);
+    Ok(store::authenticate(&app(depot).db, node_id, token.as_deref()).await?)
+}
+
+/// `POST /internal/nodes/join`: join (or rejoin) the fleet with the join token.
+#[handler]
+pub async fn join(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<Json<JoinResponse>, ApiError> {
+    let state = app(depot).clone();
+    let presented = bearer_token(req);
+    tokens::check_join_token(state.config.node_join_token.expose(), presented.as_deref())?;
+    let body: JoinRequest = json::read_with_limit(req, MAX_NODE_JSON_BODY).await?;
+    let input = validate::join(&body).map_err(ApiError::validation)?;
+    let joined = store::join(&state.db, &input).await?;
+    let how = match joined.kind {
+        JoinKind::Inserted => "new node",
+        JoinKind::RejoinedById => "rejoined by id",
+        JoinKind::RejoinedByName => "rejoined by name",
+    };
+    tracing::info!(
+        node_id = %joined.id,
+        node = %input.name,
+        region = %input.region,
+        agent_version = %input.agent_version,
+        how,
+        "node joined"
+    );
+    // The answer carries a credential: no cache may keep it.
+    res.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
+    Ok(Json(JoinResponse {
+        node_id: joined.id,
+        node_token: joined.token,
+        queue: node_queue(joined.id),
+        heartbeat_interval_secs: state.config.node_heartbeat_interval_secs,
+    }))
+}
+
+/// `POST /internal/nodes/{id}/heartbeat`: capacity, labels, version and pods; marks the node
+/// healthy.
+#[handler]
+pub async fn heartbeat(req: &mut Request, depot: &mut Depot) -> Result<Json<HeartbeatAnswer>, ApiError> {
+    let node = authenticate_node(req, depot).await?;
+    let body: Heartbeat = json::read_with_limit(req, MAX_NODE_JSON_BODY).await?;
+    let input = validate::heartbeat(&body).map_err(ApiError::validation)?;
+    store::record_heartbeat(&app(depot).db, &node, &input).await?;
+    Ok(Json(HeartbeatAnswer {
+        node_id: node.id,
+        status: NodeStatus::Healthy,
+    }))
+}
+
+/// `POST /internal/nodes/{id}/reports`: a batch of pod state changes, stored together.
+#[handler]
+pub async fn reports(req: &mut Request, depot: &mut Depot) -> Result<Json<ReportsAnswer>, ApiError> {
+    let node = authenticate_node(req, depot).await?;
+    let body: ReportBatch = json::read_with_limit(req, MAX_NODE_JSON_BODY).await?;
+    if body.reports.len() > MAX_REPORTS_PER_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_reports",
+            format!(
+                "a batch carries at most {MAX_REPORTS_PER_BATCH} reports (got {}); send several batches",
+                body.reports.len()
+            ),
+        ));
+    }
+    let inputs = body
+        .reports
+        .iter()
+        .enumerate()
+        .map(|(index, report)| validate::report(index, report))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::validation)?;
+    let accepted = store::record_reports(&app(depot).db, &node, &inputs).await?;
+    Ok(Json(ReportsAnswer { accepted }))
+}
