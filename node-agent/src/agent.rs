@@ -113,7 +113,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     };
-    let node_id = fleet.credentials.node_id;
+    let node_id = fleet.node_id();
     tracing::info!(%node_id, queue = %instapod_common::node::node_queue(node_id), "joined the fleet");
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(fleet::report_loop(fleet.clone(), reports, shutdown.clone()));

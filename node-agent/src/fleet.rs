@@ -5,10 +5,12 @@
 //! join; later starts rejoin with the saved id so the node keeps its identity. Reports are
 //! delivered in order, retried with backoff while the control plane is away, and bounded in
 //! memory (the oldest are dropped past [`MAX_PENDING_REPORTS`]; heartbeats carry every pod's
-//! current state anyway).
+//! current state anyway). When the control plane stops accepting the node token (401: a later
+//! join replaced it), the agent joins again with its saved id. A batch of reports refused as
+//! malformed (another 4xx) is logged and dropped, so it cannot block the reports after it.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use instapod_common::node::{Heartbeat, JoinRequest, JoinResponse, PodReport, ReportBatch};
@@ -39,11 +41,13 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// A client of the control plane's `/internal` API.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Fleet {
     http: reqwest::Client,
     base: String,
-    pub credentials: Credentials,
+    config: Config,
+    credentials_file: PathBuf,
+    credentials: RwLock<Credentials>,
     pub heartbeat_interval: Duration,
 }
 
@@ -97,63 +101,118 @@ async fn post<T: Serialize>(
     }
 }
 
+impl FleetError {
+    /// The control plane no longer accepts this node's token.
+    fn is_unauthorized(&self) -> bool {
+        matches!(self, FleetError::Refused { status: 401, .. })
+    }
+
+    /// The control plane refused the request itself (not an outage): retrying cannot help.
+    fn is_rejected(&self) -> bool {
+        matches!(self, FleetError::Refused { status, .. } if (400..500).contains(status) && *status != 401 && *status != 429)
+    }
+}
+
+/// The node's name as the fleet knows it: a DNS label (a fully qualified hostname keeps its
+/// first label), lowercased.
+pub fn fleet_name(name: &str) -> String {
+    name.split('.').next().unwrap_or(name).to_ascii_lowercase()
+}
+
 impl Fleet {
     /// Joins (or rejoins with the saved id) and saves the credentials.
     pub async fn join(config: &Config, credentials_file: &Path) -> Result<Fleet, FleetError> {
         let http = http_client();
         let base = config.control_plane_url.trim_end_matches('/').to_string();
-        let saved: Option<Credentials> = std::fs::read(credentials_file)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        let request = JoinRequest {
-            name: config.node_name(),
-            region: config.region.clone(),
-            labels: config.labels.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            node_id: saved.as_ref().map(|c| c.node_id),
-        };
-        let url = format!("{base}/internal/nodes/join");
-        let response = post(&http, &url, config.join_token.expose(), &request, "the join").await?;
-        let joined: JoinResponse = response.json().await.map_err(|err| FleetError::Unreachable {
-            url: url.clone(),
-            reason: format!("unreadable join answer: {err}"),
-        })?;
-        let credentials = Credentials {
-            node_id: joined.node_id,
-            node_token: joined.node_token,
-        };
-        let bytes = serde_json::to_vec(&credentials).map_err(std::io::Error::other)?;
-        write_atomic(credentials_file, &bytes)?;
-        set_private(credentials_file)?;
+        let (credentials, interval) = join_once(&http, &base, config, credentials_file).await?;
         Ok(Fleet {
             http,
             base,
-            credentials,
-            heartbeat_interval: Duration::from_secs(joined.heartbeat_interval_secs.max(1)),
+            config: config.clone(),
+            credentials_file: credentials_file.to_path_buf(),
+            credentials: RwLock::new(credentials),
+            heartbeat_interval: interval,
         })
     }
 
-    pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), FleetError> {
-        let url = format!("{}/internal/nodes/{}/heartbeat", self.base, self.credentials.node_id);
-        post(
-            &self.http,
-            &url,
-            &self.credentials.node_token,
-            heartbeat,
-            "the heartbeat",
-        )
-        .await?;
+    /// The node's id (stable across rejoins).
+    pub fn node_id(&self) -> Uuid {
+        self.credentials().node_id
+    }
+
+    fn credentials(&self) -> Credentials {
+        self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Joins again with the saved id after the token was refused.
+    async fn rejoin(&self) -> Result<(), FleetError> {
+        let (credentials, _) = join_once(&self.http, &self.base, &self.config, &self.credentials_file).await?;
+        tracing::info!(node_id = %credentials.node_id, "rejoined the fleet with a new node token");
+        *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = credentials;
         Ok(())
     }
 
+    /// Sends with the node token; on 401 joins again once and resends.
+    async fn post_as_node<T: Serialize>(&self, path: &str, body: &T, what: &'static str) -> Result<(), FleetError> {
+        let mut rejoined = false;
+        loop {
+            let credentials = self.credentials();
+            let url = format!("{}/internal/nodes/{}/{path}", self.base, credentials.node_id);
+            match post(&self.http, &url, &credentials.node_token, body, what).await {
+                Ok(_) => return Ok(()),
+                Err(err) if err.is_unauthorized() && !rejoined => {
+                    tracing::warn!(error = %err, "the node token was refused; joining again");
+                    self.rejoin().await?;
+                    rejoined = true;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), FleetError> {
+        self.post_as_node("heartbeat", heartbeat, "the heartbeat").await
+    }
+
     pub async fn report(&self, reports: &[PodReport]) -> Result<(), FleetError> {
-        let url = format!("{}/internal/nodes/{}/reports", self.base, self.credentials.node_id);
         let batch = ReportBatch {
             reports: reports.to_vec(),
         };
-        post(&self.http, &url, &self.credentials.node_token, &batch, "the reports").await?;
-        Ok(())
+        self.post_as_node("reports", &batch, "the reports").await
     }
+}
+
+/// One join: sends the saved id when there is one and saves what the control plane answers.
+async fn join_once(
+    http: &reqwest::Client,
+    base: &str,
+    config: &Config,
+    credentials_file: &Path,
+) -> Result<(Credentials, Duration), FleetError> {
+    let saved: Option<Credentials> = std::fs::read(credentials_file)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let request = JoinRequest {
+        name: fleet_name(&config.node_name()),
+        region: config.region.clone(),
+        labels: config.labels.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        node_id: saved.as_ref().map(|c| c.node_id),
+    };
+    let url = format!("{base}/internal/nodes/join");
+    let response = post(http, &url, config.join_token.expose(), &request, "the join").await?;
+    let joined: JoinResponse = response.json().await.map_err(|err| FleetError::Unreachable {
+        url: url.clone(),
+        reason: format!("unreadable join answer: {err}"),
+    })?;
+    let credentials = Credentials {
+        node_id: joined.node_id,
+        node_token: joined.node_token,
+    };
+    let bytes = serde_json::to_vec(&credentials).map_err(std::io::Error::other)?;
+    write_atomic(credentials_file, &bytes)?;
+    set_private(credentials_file)?;
+    Ok((credentials, Duration::from_secs(joined.heartbeat_interval_secs.max(1))))
 }
 
 fn set_private(path: &Path) -> std::io::Result<()> {
@@ -214,6 +273,10 @@ pub async fn report_loop(
                 pending.drain(..batch.len());
                 backoff = Duration::from_millis(200);
             }
+            Err(err) if err.is_rejected() => {
+                tracing::error!(error = %err, dropped = batch.len(), "the control plane refused a batch of reports; dropped");
+                pending.drain(..batch.len());
+            }
             Err(err) => {
                 tracing::warn!(error = %err, pending = pending.len(), "reports not delivered; retrying");
                 tokio::select! {
@@ -223,5 +286,28 @@ pub async fn report_loop(
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_names_are_the_first_dns_label_in_lowercase() {
+        assert_eq!(fleet_name("Node-1.example.com"), "node-1");
+        assert_eq!(fleet_name("vm"), "vm");
+    }
+
+    #[test]
+    fn only_client_errors_other_than_401_and_429_drop_reports() {
+        let refused = |status| FleetError::Refused {
+            what: "x",
+            status,
+            body: String::new(),
+        };
+        assert!(refused(400).is_rejected() && refused(413).is_rejected());
+        assert!(!refused(401).is_rejected() && !refused(429).is_rejected() && !refused(503).is_rejected());
+        assert!(refused(401).is_unauthorized());
     }
 }

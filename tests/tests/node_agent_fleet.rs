@@ -220,6 +220,41 @@ async fn the_agent_joins_heartbeats_runs_queued_pods_and_survives_sigkill_mid_cr
         Ok(())
     })
     .await;
+    // Another join under the node's name replaces its token: the agent joins again by id.
+    let before: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(settings.state_dir.join("node.json")).expect("node.json")).expect("json");
+    let replaced = client
+        .post(format!("{}/internal/nodes/join", cp.url()))
+        .bearer_auth(JOIN_TOKEN)
+        .json(&serde_json::json!({"name": name, "region": "test-region", "agent_version": "x"}))
+        .send()
+        .await
+        .expect("join");
+    assert_eq!(replaced.status().as_u16(), 200);
+    let path = settings.state_dir.join("node.json");
+    eventually(WAIT, "the agent to join again with a new token", || {
+        let path = path.clone();
+        let before = before.clone();
+        async move {
+            let now: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+            ensure!(now["node_token"] != before["node_token"], "same token");
+            ensure!(now["node_id"] == before["node_id"], "the id changed: {now}");
+            Ok(())
+        }
+    })
+    .await;
+    let rejoined_at = std::time::SystemTime::now();
+    eventually(WAIT, "heartbeats accepted again", || async {
+        let db = cp.db().await;
+        let row = db
+            .query_one("SELECT last_heartbeat_at FROM nodes WHERE name = $1", &[&name])
+            .await?;
+        let at: std::time::SystemTime = row.get(0);
+        ensure!(at > rejoined_at, "no newer heartbeat");
+        Ok(())
+    })
+    .await;
+
     for pod in [first.pod_id, second.pod_id] {
         push(
             &redis_url,
