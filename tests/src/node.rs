@@ -212,8 +212,12 @@ pub fn spawn_agent(settings: &NodeSettings, extra_env: &[(String, String)]) -> (
     (child, log)
 }
 
-/// The agent binary next to the test executable (run `cargo build --workspace --bins` first).
+/// The agent binary: `INSTAPOD_AGENT_BIN` when set (benchmarks point it at the release build),
+/// else the one next to the test executable (run `cargo build --workspace --bins` first).
 pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("INSTAPOD_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target directory");
     let binary = dir.join("instapod-node-agent");
