@@ -95,9 +95,71 @@ impl NodeSettings {
         ]
     }
 
+    /// Kills and removes every container of this node's namespace and the network namespaces
+    /// of its pods, so a test leaves no process behind even when it failed half-way.
+    pub fn remove_pods(&self) {
+        let containerd = containerd::shared();
+        let output = containerd
+            .ctr(&self.namespace)
+            .args(["containers", "ls", "-q"])
+            .output();
+        let ids: Vec<String> = output
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        for id in &ids {
+            let _ = containerd
+                .ctr(&self.namespace)
+                .args(["tasks", "kill", "-a", "-s", "SIGKILL", id])
+                .output();
+        }
+        for id in &ids {
+            for _ in 0..40 {
+                let removed = containerd.ctr(&self.namespace).args(["tasks", "rm", "-f", id]).output();
+                let listed = containerd.ctr(&self.namespace).args(["tasks", "ls", "-q"]).output();
+                let still = listed
+                    .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l == id))
+                    .unwrap_or(false);
+                if removed.is_ok() && !still {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = containerd.ctr(&self.namespace).args(["containers", "rm", id]).output();
+            let _ = containerd.ctr(&self.namespace).args(["snapshots", "rm", id]).output();
+        }
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("pods")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Some(id) = name.strip_suffix(".json").and_then(|id| id.parse::<Uuid>().ok()) {
+                    let _ = Command::new("ip")
+                        .args(["netns", "delete", &instapod_node_agent::network::netns_name(id)])
+                        .output();
+                }
+            }
+        }
+    }
+
     /// Removes the bridge (pods' veths went with their namespaces).
     pub fn remove_bridge(&self) {
         let _ = Command::new("ip").args(["link", "delete", &self.bridge]).output();
+    }
+}
+
+/// Removes a node's pods and bridge when dropped (also when a test panics).
+#[derive(Debug)]
+pub struct CleanupGuard(NodeSettings);
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        self.0.remove_pods();
+        self.0.remove_bridge();
+    }
+}
+
+impl NodeSettings {
+    /// A guard that cleans this node up when dropped.
+    pub fn cleanup_guard(&self) -> CleanupGuard {
+        CleanupGuard(self.clone())
     }
 }
 
@@ -144,6 +206,7 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
+        self.settings.remove_pods();
         self.settings.remove_bridge();
     }
 }

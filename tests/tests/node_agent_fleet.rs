@@ -84,6 +84,7 @@ async fn the_agent_joins_heartbeats_runs_queued_pods_and_survives_sigkill_mid_cr
     let redis_url = redis::shared().next_url();
     let image = web_image().await;
     let settings = NodeSettings::new("fleet");
+    let _cleanup = settings.cleanup_guard();
     let name = format!("node-{}", &instapod_tests::ids::random_suffix()[..8]);
     let env = vec![
         ("INSTAPOD_AGENT_CONTROL_PLANE_URL".to_string(), cp.url().to_string()),
@@ -281,5 +282,4 @@ async fn the_agent_joins_heartbeats_runs_queued_pods_and_survives_sigkill_mid_cr
     );
     process::kill_and_reap(&mut agent);
     drop(log);
-    settings.remove_bridge();
 }
