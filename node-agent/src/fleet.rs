@@ -90,7 +90,7 @@ async fn post<T: Serialize>(
         .await
         .map_err(|err| FleetError::Unreachable {
             url: url.to_string(),
-            reason: crate::runtime::error_chain(&err),
+            reason: crate::error_chain(&err),
         })?;
     if response.status().is_success() {
         Ok(response)

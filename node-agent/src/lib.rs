@@ -22,3 +22,20 @@ pub mod network;
 pub mod pods;
 pub mod runtime;
 pub mod spec;
+
+/// An error's message followed by those of its sources, `: `-separated, skipping a source whose
+/// text its parent already quotes: transport errors say little at the top ("transport error")
+/// and the useful part ("No such file or directory") further down.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -151,9 +151,9 @@ enum StepError {
     Transient(String),
 }
 
-impl From<RuntimeError> for StepError {
-    fn from(err: RuntimeError) -> Self {
-        if err.is_transient() {
+impl StepError {
+    fn classify(transient: bool, err: &impl std::fmt::Display) -> StepError {
+        if transient {
             StepError::Transient(err.to_string())
         } else {
             StepError::Failed(err.to_string())
@@ -161,13 +161,15 @@ impl From<RuntimeError> for StepError {
     }
 }
 
+impl From<RuntimeError> for StepError {
+    fn from(err: RuntimeError) -> Self {
+        StepError::classify(err.is_transient(), &err)
+    }
+}
+
 impl From<ImageError> for StepError {
     fn from(err: ImageError) -> Self {
-        if err.is_transient() {
-            StepError::Transient(err.to_string())
-        } else {
-            StepError::Failed(err.to_string())
-        }
+        StepError::classify(err.is_transient(), &err)
     }
 }
 

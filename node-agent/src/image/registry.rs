@@ -44,7 +44,6 @@
 //! authentication retry; retrying transient errors is the caller's policy.
 
 use std::collections::HashMap;
-use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
@@ -508,7 +507,7 @@ impl RegistryClient {
             .redirect(redirect_policy)
             .build()
             .map_err(|err| RegistryError::ClientSetup {
-                cause: error_chain(&err),
+                cause: crate::error_chain(&err),
             })?;
         Ok(RegistryClient {
             http,
@@ -1052,7 +1051,7 @@ impl Stream for BlobStream {
             }
             Poll::Ready(Some(Err(err))) => {
                 self.finished = true;
-                let cause = format!("while downloading {}: {}", self.digest, error_chain(&err));
+                let cause = format!("while downloading {}: {}", self.digest, crate::error_chain(&err));
                 Poll::Ready(Some(Err(RegistryError::Unreachable {
                     host: self.host.clone(),
                     cause,
@@ -1433,13 +1432,13 @@ fn transport_error(err: &reqwest::Error, host: &str, subject: &str) -> RegistryE
         return RegistryError::protocol(
             subject,
             ProtocolProblem::BadRedirect {
-                cause: error_chain(err),
+                cause: crate::error_chain(err),
             },
         );
     }
     RegistryError::Unreachable {
         host: host.to_string(),
-        cause: error_chain(err),
+        cause: crate::error_chain(err),
     }
 }
 
@@ -1492,21 +1491,6 @@ fn digest_like(expected: &str, bytes: &[u8]) -> String {
     } else {
         sha256_digest(bytes)
     }
-}
-
-/// An error and its sources, `: `-separated, skipping a source its parent already quotes.
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 /// reqwest is built without a TLS crypto provider; the agent's `main` installs aws-lc-rs, and

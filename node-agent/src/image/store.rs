@@ -107,27 +107,24 @@ impl ImageStore {
         locks.entry(name.to_string()).or_default().clone()
     }
 
+    /// `reference` parsed, or the user-facing error.
+    fn parse(reference: &str) -> Result<ImageReference, ImageError> {
+        reference
+            .parse()
+            .map_err(|err: super::reference::ReferenceError| ImageError::InvalidReference {
+                reference: reference.to_string(),
+                reason: err.to_string(),
+            })
+    }
+
     /// The canonical name of `reference`.
     pub fn canonical(reference: &str) -> Result<String, ImageError> {
-        let parsed: ImageReference =
-            reference
-                .parse()
-                .map_err(|err: super::reference::ReferenceError| ImageError::InvalidReference {
-                    reference: reference.to_string(),
-                    reason: err.to_string(),
-                })?;
-        Ok(parsed.to_string())
+        Ok(Self::parse(reference)?.to_string())
     }
 
     /// Makes `reference` available, pulling it when it is not on the node.
     pub async fn ensure(&self, reference: &str, auth: Option<&RegistryAuth>) -> Result<ImageInfo, ImageError> {
-        let parsed: ImageReference =
-            reference
-                .parse()
-                .map_err(|err: super::reference::ReferenceError| ImageError::InvalidReference {
-                    reference: reference.to_string(),
-                    reason: err.to_string(),
-                })?;
+        let parsed = Self::parse(reference)?;
         let name = parsed.to_string();
         let lock = self.lock_for(&name);
         let _guard = lock.lock().await;

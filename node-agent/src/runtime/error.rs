@@ -50,7 +50,7 @@ impl RuntimeError {
             // socket went away) is `Unknown` with the cause as its source; statuses containerd
             // itself sends have no source.
             Code::Unknown if std::error::Error::source(status).is_some() => {
-                let cause = std::error::Error::source(status).map(error_chain).unwrap_or_default();
+                let cause = std::error::Error::source(status).map(crate::error_chain).unwrap_or_default();
                 let message = if cause.is_empty() || message.ends_with(&cause) {
                     message
                 } else {
@@ -72,22 +72,6 @@ impl RuntimeError {
     pub fn is_transient(&self) -> bool {
         matches!(self, RuntimeError::Connect { .. } | RuntimeError::Unavailable { .. })
     }
-}
-
-/// The message of `error` followed by those of its sources: transport errors say little at the
-/// top ("transport error") and the useful part ("No such file or directory") further down.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let next = cause.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -153,6 +137,6 @@ mod tests {
             std::io::ErrorKind::NotFound,
             "No such file or directory",
         ));
-        assert_eq!(error_chain(&error), "transport error: No such file or directory");
+        assert_eq!(crate::error_chain(&error), "transport error: No such file or directory");
     }
 }

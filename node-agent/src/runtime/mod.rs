@@ -17,7 +17,6 @@
 pub mod containers;
 pub mod content;
 mod error;
-pub(crate) use error::error_chain;
 pub mod images;
 
 use std::path::Path;
@@ -86,7 +85,7 @@ impl Runtime {
             .await
             .map_err(|err| RuntimeError::Connect {
                 socket: socket.to_path_buf(),
-                reason: error::error_chain(&err),
+                reason: crate::error_chain(&err),
             })?;
         Ok(Runtime { channel, namespace })
     }
