@@ -635,3 +635,41 @@ async fn stop_kills_a_process_that_ignores_sigterm_after_the_grace_period_and_de
         "data"
     );
 }
+
+#[tokio::test]
+async fn the_local_stacks_static_image_serves_the_public_folder_of_the_volume() {
+    let mut node = TestNode::start("static").await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-static-image");
+    let tarball = process::temp_dir("static-image").join("static.tar");
+    let name = format!("local.test/static-{}:1", &instapod_tests::ids::random_suffix()[..6]);
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("--oci-layout")
+        .arg(&tarball)
+        .args(["--name", &name])
+        .output()
+        .expect("run scripts/build-static-image");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    node.pods
+        .images()
+        .import_archive(&tarball, &name)
+        .await
+        .expect("import");
+    let spec = pod_spec(&name, 1);
+    ensure(&node, &spec).await;
+    let mut seen = Vec::new();
+    wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Running).await;
+    let public = node.dirs.volume(spec.pod_id).join("public");
+    eventually(WAIT, "the image to create /data/public", || {
+        let public = public.clone();
+        async move {
+            anyhow::ensure!(public.is_dir(), "not yet");
+            Ok(())
+        }
+    })
+    .await;
+    std::fs::write(public.join("index.html"), "<h1>hello</h1>").expect("write");
+    let ip = ip_of(&node, spec.pod_id);
+    let (status, body) = eventually(WAIT, "the static site", || get(&ip, "/")).await;
+    assert_eq!((status, body.as_str()), (200, "<h1>hello</h1>"));
+}
