@@ -50,7 +50,9 @@ impl RuntimeError {
             // socket went away) is `Unknown` with the cause as its source; statuses containerd
             // itself sends have no source.
             Code::Unknown if std::error::Error::source(status).is_some() => {
-                let cause = std::error::Error::source(status).map(crate::error_chain).unwrap_or_default();
+                let cause = std::error::Error::source(status)
+                    .map(crate::error_chain)
+                    .unwrap_or_default();
                 let message = if cause.is_empty() || message.ends_with(&cause) {
                     message
                 } else {
