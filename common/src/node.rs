@@ -93,6 +93,10 @@ pub struct PodSpec {
     /// The port the pod's HTTP server listens on, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_port: Option<u16>,
+    /// The host names the node ingress routes to this pod's `http_port` (lowercase, no port),
+    /// e.g. `web-acme.apps.example.com`; the control plane decides them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 fn default_volume_mount() -> String {

@@ -404,6 +404,7 @@ impl Pods {
                                 volume_mount: "/data".into(),
                                 restart_policy: RestartPolicy::Never,
                                 http_port: None,
+                                hostnames: Vec::new(),
                             },
                             desired: Desired::Deleted,
                             generation: *generation,

@@ -354,6 +354,7 @@ mod tests {
             volume_mount: "/data".into(),
             restart_policy: RestartPolicy::Always,
             http_port: Some(8080),
+            hostnames: Vec::new(),
         }
     }
 

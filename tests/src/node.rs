@@ -232,6 +232,7 @@ pub fn pod_spec(image: &str, generation: i64) -> PodSpec {
         volume_mount: "/data".into(),
         restart_policy: RestartPolicy::Never,
         http_port: Some(8080),
+        hostnames: Vec::new(),
     }
 }
 
