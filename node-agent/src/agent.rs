@@ -2,7 +2,8 @@
 //! the job consumer, reconciliation, log rotation and the metrics endpoint.
 //!
 //! *Start-up order.* State directory → containerd (waits until it answers) → records loaded →
-//! metrics endpoint → join (retried until the control plane answers) → report and heartbeat
+//! metrics endpoint and ingress (pods that outlived an agent restart are reachable before the
+//! agent has joined) → join (retried until the control plane answers) → report and heartbeat
 //! loops → a first reconcile (adopt, restart, remove) → the task-event watcher, the periodic
 //! reconcile and log rotation → the job consumer (restarted when Redis goes away). SIGTERM or
 //! Ctrl-C stops it; pods keep running (they belong to containerd's shims, not to the agent).
@@ -104,6 +105,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
+    tokio::spawn(crate::ingress::run(config.ingress_listen, pods.clone()));
     let fleet = loop {
         match Fleet::join(&config, &dirs.node_file()).await {
             Ok(fleet) => break Arc::new(fleet),

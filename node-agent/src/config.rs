@@ -52,6 +52,9 @@ pub struct Config {
     pub log_keep: u32,
     /// Where `/metrics` and `/healthz` are served. Default `127.0.0.1:9101`.
     pub metrics_listen: SocketAddr,
+    /// Where the HTTP ingress (the reverse proxy to pods, routed by `Host`) listens. Default
+    /// `0.0.0.0:80`, as production needs; tests and the local stack set a loopback port.
+    pub ingress_listen: SocketAddr,
     /// Jobs handled at once. Default 4.
     pub job_concurrency: usize,
     /// Registries reached over plain HTTP besides loopback ones (`host:port`).
@@ -121,6 +124,7 @@ impl Default for Config {
             log_max_bytes: 10 * 1024 * 1024,
             log_keep: 3,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+            ingress_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             job_concurrency: 4,
             plain_http_registries: Vec::new(),
             dns_servers: Vec::new(),
@@ -203,6 +207,12 @@ impl Config {
         if !self.cgroup_parent.starts_with('/') {
             problems.push(format!("cgroup_parent {:?} must start with /", self.cgroup_parent));
         }
+        if self.ingress_listen == self.metrics_listen {
+            problems.push(format!(
+                "ingress_listen and metrics_listen are both {}",
+                self.ingress_listen
+            ));
+        }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
@@ -249,10 +259,16 @@ mod tests {
             [
                 ("INSTAPOD_AGENT_NETWORK__SUBNET".to_string(), "10.99.0.0/24".to_string()),
                 ("INSTAPOD_AGENT_REGION".to_string(), "eu".to_string()),
+                (
+                    "INSTAPOD_AGENT_INGRESS_LISTEN".to_string(),
+                    "127.0.0.1:8088".to_string(),
+                ),
             ],
         )
         .expect("loads");
         assert_eq!(config.network.subnet, "10.99.0.0/24");
+        assert_eq!(config.ingress_listen, SocketAddr::from(([127, 0, 0, 1], 8088)));
+        assert_eq!(Config::default().ingress_listen, SocketAddr::from(([0, 0, 0, 0], 80)));
         assert_eq!(config.region, "eu");
         config.validate().expect("valid");
     }

@@ -6,7 +6,7 @@
 //! reconcile) · [`spec`] (OCI runtime spec) · [`network`] (CNI bridge, netns, isolation) ·
 //! [`image`] (references, registry, tarballs, the image store) · [`runtime`] (the only module
 //! that talks to containerd) · [`dirs`] (state directory layout) · [`logs`] (rotation) ·
-//! [`capacity`] · [`metrics`].
+//! [`capacity`] · [`metrics`] · [`ingress`] (the HTTP reverse proxy to pods).
 
 pub mod agent;
 pub mod capacity;
@@ -15,6 +15,7 @@ pub mod config;
 pub mod dirs;
 pub mod fleet;
 pub mod image;
+pub mod ingress;
 pub mod jobs;
 pub mod logs;
 pub mod metrics;

@@ -16,6 +16,7 @@
 //!   the job system, which retries with backoff.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -125,6 +126,9 @@ struct Inner {
     reports: mpsc::UnboundedSender<PodReport>,
     locks: StdMutex<HashMap<Uuid, Arc<Mutex<()>>>>,
     records: StdMutex<HashMap<Uuid, PodRecord>>,
+    /// Bumped after every change of `records`, so derived views (the ingress's routing table)
+    /// are rebuilt only when something changed.
+    records_version: AtomicU64,
     live: StdMutex<HashMap<Uuid, Live>>,
 }
 
@@ -203,6 +207,7 @@ impl Pods {
                 reports,
                 locks: StdMutex::default(),
                 records: StdMutex::default(),
+                records_version: AtomicU64::new(0),
                 live: StdMutex::default(),
             }),
         }
@@ -239,6 +244,7 @@ impl Pods {
         }
         let count = loaded.len();
         *self.inner.records.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
+        self.inner.records_version.fetch_add(1, Ordering::Release);
         Ok(count)
     }
 
@@ -259,7 +265,21 @@ impl Pods {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(record.spec.pod_id, record.clone());
+        self.inner.records_version.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Changes whenever a record is saved or the records are loaded.
+    pub fn records_version(&self) -> u64 {
+        self.inner.records_version.load(Ordering::Acquire)
+    }
+
+    /// Calls `visit` with every record (tombstones included), under the records' lock: keep it
+    /// short and free of I/O.
+    pub fn visit_records(&self, mut visit: impl FnMut(&PodRecord)) {
+        for record in self.inner.records.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            visit(record);
+        }
     }
 
     /// The pods this node knows, for heartbeats (tombstones excluded).

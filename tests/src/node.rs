@@ -1,5 +1,5 @@
 //! A node agent for tests: its configuration (own state directory, containerd namespace,
-//! bridge, subnet, cgroup parent and metrics port, so several nodes share one machine), the
+//! bridge, subnet, cgroup parent, metrics and ingress ports, so several nodes share one machine), the
 //! pod manager built in-process for runtime tests, and the real `instapod-node-agent` binary
 //! for fleet tests.
 //!
@@ -30,6 +30,8 @@ pub struct NodeSettings {
     pub bridge: String,
     pub subnet_prefix: String,
     pub metrics_port: u16,
+    /// The agent binary's ingress port on loopback (never the default `0.0.0.0:80`).
+    pub ingress_port: u16,
 }
 
 impl NodeSettings {
@@ -42,6 +44,7 @@ impl NodeSettings {
             bridge: format!("ipt{}", &hex::encode(&bytes[..3])),
             subnet_prefix: format!("10.{}.{}", 200 + bytes[3] % 50, bytes[4]),
             metrics_port: process::free_port(),
+            ingress_port: process::free_port(),
         }
     }
 
@@ -58,6 +61,7 @@ impl NodeSettings {
             state_dir: self.state_dir.clone(),
             cgroup_parent: "/instapod-test".into(),
             metrics_listen: ([127, 0, 0, 1], self.metrics_port).into(),
+            ingress_listen: ([127, 0, 0, 1], self.ingress_port).into(),
             dns_servers: vec![self.gateway()],
             ..Config::default()
         };
@@ -80,6 +84,10 @@ impl NodeSettings {
             (
                 "INSTAPOD_AGENT_METRICS_LISTEN".into(),
                 format!("127.0.0.1:{}", self.metrics_port),
+            ),
+            (
+                "INSTAPOD_AGENT_INGRESS_LISTEN".into(),
+                format!("127.0.0.1:{}", self.ingress_port),
             ),
             ("INSTAPOD_AGENT_DNS_SERVERS".into(), format!("[\"{}\"]", self.gateway())),
             ("INSTAPOD_AGENT_NETWORK__BRIDGE".into(), self.bridge.clone()),
@@ -192,6 +200,17 @@ impl TestNode {
             reports,
             dirs,
         }
+    }
+
+    /// Starts the node's ingress on a free loopback port (for the life of the test's runtime)
+    /// and returns its address.
+    pub async fn start_ingress(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("a bound listener has an address");
+        tokio::spawn(instapod_node_agent::ingress::local(self.pods.clone()).serve(listener));
+        addr
     }
 
     /// Reports received so far.

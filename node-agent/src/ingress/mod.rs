@@ -1,0 +1,73 @@
+//! The node's HTTP ingress: a reverse proxy on `ingress_listen` (`0.0.0.0:80` in production)
+//! that sends each request to the pod whose host names include the request's `Host`.
+//!
+//! Code map: [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam and
+//! [`LocalRoutes`], built from the pod manager's records) · [`proxy`] (connections, forwarding,
+//! headers, upgrades, metrics) · [`pages`] (the 404/502/503 pages).
+//!
+//! *Behaviour.* A host is normalised (lowercase, port and trailing dot dropped) and looked up:
+//! a running pod on this node with an address and an `http_port` gets the request at
+//! `http://<pod ip>:<http_port>` with the original path, query and `Host`, streamed both ways,
+//! with `X-Forwarded-For` (peer appended), `X-Forwarded-Proto` and `X-Forwarded-Host`;
+//! `Connection: upgrade` requests (WebSocket) become a byte tunnel when the pod answers 101. A
+//! pod of this node that is not running answers 503 with its state (and `Retry-After` when it
+//! is starting or restarting), an unknown host 404, a pod that refuses the connection 502.
+//!
+//! *Metrics.* `instapod_node_agent_ingress_requests_total{outcome}` and
+//! `instapod_node_agent_ingress_request_duration_seconds{outcome}` (to the response head), with
+//! `outcome` one of `proxied`, `not_found`, `unavailable`, `bad_gateway`, `upgraded`.
+//!
+//! *Design for what comes next.*
+//! - Pods on other nodes: [`Target::RemoteNode`] forwards to that node's ingress (marked with
+//!   [`proxy::HOP_HEADER`], so a forwarded request is never forwarded again). The proxy path
+//!   exists and is tested; what is missing is a [`RouteSource`] that knows other nodes' routes
+//!   — a feed from the control plane merged with [`LocalRoutes`] (local routes winning).
+//! - TLS and custom domains: a TLS acceptor (rustls, certificate chosen by SNI) wraps accepted
+//!   TCP streams and hands them to [`Ingress::serve_connection`] with [`Scheme::Https`]; the
+//!   routing is the same. HTTP-01 challenges and the HTTP→HTTPS redirect for hosts with a
+//!   certificate will be answered in `proxy::Ingress::route` before the lookup.
+//!
+//! *Not done yet.* No route feed for other nodes (nothing fills `RemoteNode` outside tests);
+//! no TLS; the hop marker is not authenticated (a client can set it, which only stops its own
+//! request from being forwarded between nodes); HTTP/1.1 only.
+
+pub mod pages;
+pub mod proxy;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use proxy::{Ingress, Outcome, Scheme};
+pub use routes::{LocalRoutes, RouteSource, RoutingTable, Target, Unavailable, normalize_host};
+
+use crate::pods::Pods;
+
+/// The longest pause between two attempts to bind the listener.
+const MAX_BIND_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The ingress of this node's pods.
+pub fn local(pods: Pods) -> Arc<Ingress> {
+    Arc::new(Ingress::new(Arc::new(LocalRoutes::new(pods))))
+}
+
+/// The `ingress` worker: binds `listen` (retrying with backoff while the address is taken or
+/// refused, so the rest of the agent runs meanwhile) and serves until the process ends.
+pub async fn run(listen: SocketAddr, pods: Pods) {
+    let ingress = local(pods);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => {
+                tracing::info!(%listen, "ingress listening");
+                ingress.clone().serve(listener).await;
+            }
+            Err(err) => {
+                tracing::error!(%listen, error = %err, retry_in = ?backoff, "ingress cannot listen");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BIND_BACKOFF);
+            }
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! Proxying: one HTTP/1.1 connection from a client, each request routed by its host name and
+//! forwarded to a pod (or another node's ingress), bodies streamed both ways, upgrades
+//! (WebSocket) turned into a byte tunnel.
+//!
+//! *Design.* [`Ingress::serve_connection`] takes any byte stream plus the peer address and the
+//! [`Scheme`] it arrived with, so a TLS acceptor can hand it decrypted streams later; the plain
+//! listener is [`Ingress::serve`]. Upstream connections come from one pooled hyper client
+//! (keep-alive per pod address). Request and response bodies are hyper's streaming bodies
+//! passed through as they are, never collected. Hop-by-hop headers are dropped in both
+//! directions; `X-Forwarded-For` gets the peer appended, `X-Forwarded-Proto` and
+//! `X-Forwarded-Host` are set by this ingress (a client's values are replaced, so an app can
+//! trust them). A client's `Forwarded` header is dropped: the ingress does not maintain it.
+//!
+//! *Limitations.* HTTP/1.1 only (no h2 or h2c, which an upgrade to `h2c` would need). The
+//! duration metric ends when the response head is ready, not when a streamed body ends.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+
+use super::pages::{self, Page};
+use super::routes::{RouteSource, Target, normalize_host};
+
+/// The body of an ingress response: the pod's, streamed, or one of the ingress's pages.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// Marks a request forwarded by another node's ingress; such a request is never forwarded to a
+/// node again (no loops when two nodes disagree where a pod runs). Removed before a pod sees it.
+pub const HOP_HEADER: HeaderName = HeaderName::from_static("x-instapod-hop");
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// A client that sends nothing within this time after connecting (or between requests on a
+/// kept-alive connection) is dropped, so idle or slow-header clients cannot pile up.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pod that does not accept a connection within this time is reported as not answering.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle upstream connections are closed after this time.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the client reached the ingress (the value of `X-Forwarded-Proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// What became of a request; the `outcome` label of the ingress metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered by the pod (whatever its status).
+    Proxied,
+    /// No route for the host (or no usable host).
+    NotFound,
+    /// The pod is on this node but not running or without an HTTP port.
+    Unavailable,
+    /// The pod (or the node it runs on) refused or dropped the connection.
+    BadGateway,
+    /// The pod switched protocols; the connection became a tunnel.
+    Upgraded,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Proxied => "proxied",
+            Outcome::NotFound => "not_found",
+            Outcome::Unavailable => "unavailable",
+            Outcome::BadGateway => "bad_gateway",
+            Outcome::Upgraded => "upgraded",
+        }
+    }
+}
+
+/// The reverse proxy.
+#[derive(Debug)]
+pub struct Ingress {
+    routes: Arc<dyn RouteSource>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+/// What the ingress adds to a forwarded request.
+#[derive(Debug)]
+struct Forwarding {
+    peer: SocketAddr,
+    scheme: Scheme,
+    /// The host as the client sent it (port included), for `X-Forwarded-Host`.
+    host: HeaderValue,
+    /// Forwarding to another node's ingress (sets [`HOP_HEADER`]).
+    to_node: bool,
+}
+
+impl Ingress {
+    pub fn new(routes: Arc<dyn RouteSource>) -> Ingress {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
+            .build(connector);
+        Ingress { routes, client }
+    }
+
+    /// Accepts connections until the listener fails for good; each connection is served on its
+    /// own task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %err, "ingress accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(self.clone().serve_connection(stream, peer, Scheme::Http));
+        }
+    }
+
+    /// Serves one client connection (plain TCP now; a TLS stream once certificates exist).
+    pub async fn serve_connection<IO>(self: Arc<Self>, io: IO, peer: SocketAddr, scheme: Scheme)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ingress = self.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let ingress = ingress.clone();
+            async move { Ok::<_, Infallible>(ingress.handle(request, peer, scheme).await) }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await;
+        if let Err(err) = served {
+            tracing::debug!(%peer, error = %crate::error_chain(&err), "ingress connection ended with an error");
+        }
+    }
+
+    /// Answers one request, and counts it.
+    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr, scheme: Scheme) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let (outcome, response) = self.route(request, peer, scheme).await;
+        metrics::counter!("instapod_node_agent_ingress_requests_total", "outcome" => outcome.as_str()).increment(1);
+        metrics::histogram!("instapod_node_agent_ingress_request_duration_seconds", "outcome" => outcome.as_str())
+            .record(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn route(
+        &self,
+        mut request: Request<Incoming>,
+        peer: SocketAddr,
+        scheme: Scheme,
+    ) -> (Outcome, Response<ResponseBody>) {
+        let Some(raw_host) = request_host(&mut request) else {
+            return (Outcome::NotFound, page_response(pages::bad_host()));
+        };
+        let Some(host) = raw_host.to_str().ok().and_then(normalize_host) else {
+            return (Outcome::NotFound, page_response(pages::bad_host()));
+        };
+        // CONNECT and `OPTIONS *` name no path on a pod; the ingress is not a forward proxy.
+        if request.method() == hyper::Method::CONNECT || !request.uri().path().starts_with('/') {
+            return (Outcome::NotFound, page_response(pages::unsupported_request()));
+        }
+        let target = self.routes.table().get(&host).cloned();
+        let forwarding = |to_node| Forwarding {
+            peer,
+            scheme,
+            host: raw_host.clone(),
+            to_node,
+        };
+        match target {
+            None => (Outcome::NotFound, page_response(pages::not_found(&host))),
+            Some(Target::Unavailable { why, .. }) => {
+                (Outcome::Unavailable, page_response(pages::unavailable(&host, why)))
+            }
+            Some(Target::Pod { pod_id, addr }) => {
+                let answer = self.forward(request, addr, &forwarding(false)).await;
+                if let Err(err) = &answer {
+                    tracing::info!(pod = %pod_id, %host, upstream = %addr, error = %err, "the pod did not answer");
+                }
+                answer.unwrap_or_else(|_| (Outcome::BadGateway, page_response(pages::bad_gateway(&host))))
+            }
+            Some(Target::RemoteNode { addr }) => {
+                if request.headers().contains_key(HOP_HEADER) {
+                    tracing::warn!(%host, node = %addr, "a request forwarded by another node would be forwarded again");
+                    return (Outcome::BadGateway, page_response(pages::misrouted(&host)));
+                }
+                let answer = self.forward(request, addr, &forwarding(true)).await;
+                if let Err(err) = &answer {
+                    tracing::warn!(%host, node = %addr, error = %err, "the pod's node did not answer");
+                }
+                answer.unwrap_or_else(|_| (Outcome::BadGateway, page_response(pages::bad_gateway(&host))))
+            }
+        }
+    }
+
+    /// Sends the request to `upstream` and returns its answer (or sets up the tunnel when it
+    /// switches protocols). An error means the upstream did not answer.
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        upstream: SocketAddr,
+        forwarding: &Forwarding,
+    ) -> Result<(Outcome, Response<ResponseBody>), ForwardError> {
+        let upgrade = requested_upgrade(request.headers());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = Uri::try_from(format!("http://{upstream}{path}")).map_err(|_| ForwardError::BadPath)?;
+        let mut headers = parts.headers;
+        rewrite_request_headers(&mut headers, upgrade, forwarding);
+        let mut outgoing = Request::new(body);
+        *outgoing.method_mut() = parts.method;
+        *outgoing.uri_mut() = uri;
+        *outgoing.version_mut() = Version::HTTP_11;
+        *outgoing.headers_mut() = headers;
+
+        let mut response = self
+            .client
+            .request(outgoing)
+            .await
+            .map_err(|err| ForwardError::Upstream(crate::error_chain(&err)))?;
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ForwardError::UnaskedUpgrade);
+            };
+            let protocol = response.headers().get(header::UPGRADE).cloned();
+            let pod_upgrade = hyper::upgrade::on(&mut response);
+            let (mut parts, _) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers, protocol);
+            tokio::spawn(tunnel(client_upgrade, pod_upgrade, upstream));
+            return Ok((
+                Outcome::Upgraded,
+                Response::from_parts(parts, Either::Right(Full::new(Bytes::new()))),
+            ));
+        }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, None);
+        Ok((Outcome::Proxied, Response::from_parts(parts, Either::Left(body))))
+    }
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("{0}")]
+    Upstream(String),
+    #[error("the request's path is not a valid URI path")]
+    BadPath,
+    #[error("the upstream switched protocols without being asked to")]
+    UnaskedUpgrade,
+}
+
+/// Copies bytes both ways between the upgraded client and pod connections until both end.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, pod: hyper::upgrade::OnUpgrade, upstream: SocketAddr) {
+    let (client, pod) = match tokio::try_join!(client, pod) {
+        Ok(both) => both,
+        Err(err) => {
+            tracing::debug!(%upstream, error = %err, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut pod = TokioIo::new(pod);
+    match tokio::io::copy_bidirectional(&mut client, &mut pod).await {
+        Ok((sent, received)) => tracing::debug!(%upstream, sent, received, "upgraded connection closed"),
+        Err(err) => tracing::debug!(%upstream, error = %err, "upgraded connection ended with an error"),
+    }
+}
+
+/// The host a request is for: the authority of an absolute-form target (which RFC 9112 says
+/// wins), else the `Host` header. The `Host` header is made to match what routing used.
+fn request_host(request: &mut Request<Incoming>) -> Option<HeaderValue> {
+    if let Some(authority) = request.uri().authority() {
+        let value = HeaderValue::from_str(authority.as_str()).ok()?;
+        request.headers_mut().insert(header::HOST, value.clone());
+        return Some(value);
+    }
+    request.headers().get(header::HOST).cloned()
+}
+
+/// The protocol a request asks to switch to (`Connection: upgrade` + `Upgrade: x`), if it is
+/// one the ingress can tunnel (anything but h2c, which would need HTTP/2 on both sides).
+fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = headers.get(header::UPGRADE)?;
+    let h2c = protocol.to_str().is_ok_and(|p| p.trim().eq_ignore_ascii_case("h2c"));
+    (asks && !h2c).then(|| protocol.clone())
+}
+
+/// Removes hop-by-hop headers: the standard ones, every `Proxy-*`, and the ones `Connection`
+/// names. With `upgrade`, the message is an upgrade: `Connection: upgrade` and `Upgrade` are
+/// set again.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+/// The headers a forwarded request carries: hop-by-hop ones removed, `X-Forwarded-*` set.
+fn rewrite_request_headers(headers: &mut HeaderMap, upgrade: Option<HeaderValue>, forwarding: &Forwarding) {
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(HOP_HEADER);
+    headers.remove(FORWARDED);
+    let peer = forwarding.peer.ip().to_canonical().to_string();
+    let mut chain: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    chain.push(&peer);
+    let chain = HeaderValue::from_str(&chain.join(", "))
+        .or_else(|_| HeaderValue::from_str(&peer))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    headers.insert(X_FORWARDED_FOR, chain);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(forwarding.scheme.as_str()));
+    headers.insert(X_FORWARDED_HOST, forwarding.host.clone());
+    if forwarding.to_node {
+        headers.insert(HOP_HEADER, HeaderValue::from_static("1"));
+    }
+}
+
+fn page_response(page: Page) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(page.html))));
+    *response.status_mut() = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(seconds) = page.retry_after_secs {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingress::routes::RoutingTable;
+
+    /// A fixed table, for tests.
+    #[derive(Debug)]
+    struct StaticRoutes(Arc<RoutingTable>);
+
+    impl RouteSource for StaticRoutes {
+        fn table(&self) -> Arc<RoutingTable> {
+            self.0.clone()
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    fn sorted(map: &HeaderMap) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = map
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().expect("text").to_string()))
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    fn check_request(incoming: &[(&str, &str)], to_node: bool, expected: &[(&str, &str)]) {
+        let mut map = headers(incoming);
+        let upgrade = requested_upgrade(&map);
+        let forwarding = Forwarding {
+            peer: "[::ffff:192.0.2.7]:40000".parse().expect("peer"),
+            scheme: Scheme::Http,
+            host: HeaderValue::from_static("web.apps.test:8088"),
+            to_node,
+        };
+        rewrite_request_headers(&mut map, upgrade, &forwarding);
+        assert_eq!(sorted(&map), sorted(&headers(expected)), "from {incoming:?}");
+    }
+
+    #[test]
+    fn forwarded_requests_lose_hop_by_hop_headers_and_gain_forwarding_ones() {
+        let forwarded = [
+            ("x-forwarded-for", "192.0.2.7"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "web.apps.test:8088"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+            let mut all = forwarded.to_vec();
+            all.extend_from_slice(extra);
+            all
+        };
+        check_request(
+            &[("host", "web.apps.test:8088"), ("accept", "*/*")],
+            false,
+            &with(&[("host", "web.apps.test:8088"), ("accept", "*/*")]),
+        );
+        check_request(
+            &[
+                ("host", "web.apps.test"),
+                ("connection", "keep-alive, X-Secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("trailer", "x-sum"),
+                ("transfer-encoding", "chunked"),
+                ("upgrade", "websocket"),
+                ("proxy-authorization", "Basic eA=="),
+                ("proxy-connection", "keep-alive"),
+                ("forwarded", "for=1.2.3.4"),
+                ("x-instapod-hop", "1"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "evil.test"),
+            ],
+            false,
+            &with(&[("host", "web.apps.test")]),
+        );
+        // A client's X-Forwarded-For chain is kept and the peer appended.
+        let mut chain = with(&[("host", "h")]);
+        chain[0] = ("x-forwarded-for", "203.0.113.1, 198.51.100.2, 192.0.2.7");
+        check_request(
+            &[
+                ("host", "h"),
+                ("x-forwarded-for", "203.0.113.1"),
+                ("x-forwarded-for", "198.51.100.2"),
+            ],
+            false,
+            &chain,
+        );
+        // Upgrades keep Connection: upgrade and Upgrade; h2c is not an upgrade the ingress does.
+        check_request(
+            &[
+                ("host", "h"),
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-key", "k"),
+            ],
+            false,
+            &with(&[
+                ("host", "h"),
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-key", "k"),
+            ]),
+        );
+        check_request(
+            &[("host", "h"), ("connection", "upgrade"), ("upgrade", "h2c")],
+            false,
+            &with(&[("host", "h")]),
+        );
+        // To another node: the hop marker.
+        check_request(&[("host", "h")], true, &with(&[("host", "h"), ("x-instapod-hop", "1")]));
+    }
+
+    /// An upstream that answers every request with its method, path and headers, one per line.
+    async fn echo_upstream() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let mut text = format!("{} {}\n", request.method(), request.uri());
+                    for (name, value) in request.headers() {
+                        text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        addr
+    }
+
+    async fn start_ingress(table: RoutingTable) -> SocketAddr {
+        let ingress = Arc::new(Ingress::new(Arc::new(StaticRoutes(Arc::new(table)))));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(ingress.serve(listener));
+        addr
+    }
+
+    async fn get(ingress: SocketAddr, host: &str, extra: &[(&str, &str)]) -> (u16, String) {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let client = reqwest::Client::builder().no_proxy().build().expect("client");
+        let mut request = client
+            .get(format!("http://{ingress}/some/path?q=1"))
+            .header("host", host);
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("the ingress answers");
+        (response.status().as_u16(), response.text().await.expect("body"))
+    }
+
+    #[tokio::test]
+    async fn remote_routes_forward_to_the_node_once_and_refused_pods_answer_502() {
+        let node = echo_upstream().await;
+        let closed = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            listener.local_addr().expect("address")
+        };
+        let mut table = RoutingTable::default();
+        table.insert("remote.apps.test", Target::RemoteNode { addr: node });
+        table.insert(
+            "refusing.apps.test",
+            Target::Pod {
+                pod_id: uuid::Uuid::new_v4(),
+                addr: closed,
+            },
+        );
+        let ingress = start_ingress(table).await;
+
+        let (status, body) = get(ingress, "Remote.Apps.Test.", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("GET /some/path?q=1\n"), "{body}");
+        for line in [
+            "host: Remote.Apps.Test.",
+            "x-instapod-hop: 1",
+            "x-forwarded-for: 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: Remote.Apps.Test.",
+        ] {
+            assert!(body.lines().any(|l| l == line), "{line:?} missing in {body}");
+        }
+
+        // Already forwarded once: not again.
+        let (status, body) = get(ingress, "remote.apps.test", &[("x-instapod-hop", "1")]).await;
+        assert_eq!(status, 502);
+        assert!(body.contains("do not agree"), "{body}");
+
+        let (status, body) = get(ingress, "refusing.apps.test", &[]).await;
+        assert_eq!(status, 502);
+        assert!(body.contains("refused or dropped"), "{body}");
+
+        let (status, body) = get(ingress, "nobody.apps.test", &[]).await;
+        assert_eq!(status, 404);
+        assert!(body.contains("nobody.apps.test"), "{body}");
+
+        // Not a forward proxy: CONNECT is refused even for a routed host.
+        for head in [
+            "CONNECT remote.apps.test:80 HTTP/1.1\r\nHost: remote.apps.test:80\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: remote.apps.test\r\n\r\n",
+        ] {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(ingress).await.expect("connect");
+            stream.write_all(head.as_bytes()).await.expect("write");
+            let mut answer = [0u8; 12];
+            stream.read_exact(&mut answer).await.expect("read");
+            assert_eq!(&answer, b"HTTP/1.1 400", "{head:?}");
+        }
+    }
+}
