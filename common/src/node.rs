@@ -12,6 +12,17 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// The scheduler's queue (apalis): [`PodJob`]s from the control plane and the reconciler.
+pub const PODS_QUEUE: &str = "pods";
+
+/// "Bring this pod to its desired state": the scheduler places it when it has no node, then
+/// sends the node the job that matches the desired state (start, restart, stop, delete).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodJob {
+    pub pod_id: Uuid,
+    pub generation: i64,
+}
+
 /// The name of a node's job queue in Redis (apalis): `node:<id>`.
 pub fn node_queue(node_id: Uuid) -> String {
     format!("node:{node_id}")

@@ -62,6 +62,12 @@ pub struct Config {
     /// The local stack points `static` at its loopback registry; production leaves it empty
     /// (or points runtimes at public registries). Default: none.
     pub runtime_images: BTreeMap<String, String>,
+    /// The domain pods are reached under: a pod `web` of team `acme` answers at
+    /// `web-acme.<apps_domain>` through the node ingress. Default `apps.localhost` (browsers and
+    /// curl resolve `*.localhost` to loopback).
+    pub apps_domain: String,
+    /// The port of the node ingress in pod URLs (omitted when 80). Default 80.
+    pub apps_http_port: u16,
 }
 
 /// Outgoing mail: verification and password-reset messages.
@@ -100,6 +106,8 @@ impl Default for Config {
             node_heartbeat_interval_secs: 5,
             node_heartbeat_timeout_secs: 20,
             runtime_images: BTreeMap::new(),
+            apps_domain: "apps.localhost".to_string(),
+            apps_http_port: 80,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod mail;
 pub mod maintenance;
 pub mod migrate;
 pub mod nodes;
+pub mod pods;
 pub mod ratelimit;
 pub mod shared_client;
 pub mod teams;
@@ -88,6 +89,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         session_lookup,
         rate_limiter,
         metrics: metrics.clone(),
+        pod_queue: Arc::new(pods::queue::PodQueue::new(config.redis_url.expose())),
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

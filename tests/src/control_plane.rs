@@ -373,6 +373,11 @@ impl ControlPlane {
         Client::with_cookie_jar(&self.base_url)
     }
 
+    /// Its database URL (for other processes sharing the database, like the scheduler).
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
     /// A new connection to its database, for direct reads and writes in tests.
     pub async fn db(&self) -> tokio_postgres::Client {
         crate::postgres::connect_url(&self.database_url).await

@@ -33,6 +33,7 @@ pub mod node;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod scheduler;
 pub mod registry;
 pub mod smtp;
 pub mod users;

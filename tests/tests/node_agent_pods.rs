@@ -655,7 +655,13 @@ async fn the_local_stacks_static_image_serves_the_public_folder_of_the_volume() 
         .import_archive(&tarball, &name)
         .await
         .expect("import");
-    let spec = pod_spec(&name, 1);
+    // As the catalog's `static` runtime runs it: its command replaces the image's cmd.
+    let mut spec = pod_spec(&name, 1);
+    spec.command = Some(
+        ["httpd", "-f", "-p", "8080", "-h", "/data/public"]
+            .map(String::from)
+            .to_vec(),
+    );
     ensure(&node, &spec).await;
     let mut seen = Vec::new();
     wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Running).await;

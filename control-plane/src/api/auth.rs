@@ -106,7 +106,7 @@ pub struct MessageResponse {
     pub message: String,
 }
 
-async fn limit(req: &Request, state: &AppState, rule: Rule) -> Result<(), ApiError> {
+pub(crate) async fn limit(req: &Request, state: &AppState, rule: Rule) -> Result<(), ApiError> {
     let ip = client_ip(req, &state.config.trusted_proxies).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     state.rate_limiter.check(rule, ip).await?;
     Ok(())

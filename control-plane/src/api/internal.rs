@@ -113,5 +113,18 @@ pub async fn reports(req: &mut Request, depot: &mut Depot) -> Result<Json<Report
         .collect::<Result<Vec<_>, _>>()
         .map_err(ApiError::validation)?;
     let accepted = store::record_reports(&app(depot).db, &node, &inputs).await?;
+    // The reports move the pods they are about (only pods placed on this node).
+    let moves: Vec<crate::pods::store::Report<'_>> = inputs
+        .iter()
+        .map(|r| crate::pods::store::Report {
+            pod_id: r.pod_id,
+            generation: r.generation,
+            state: r.state,
+            reason: r.reason.as_deref(),
+            exit_code: r.exit_code,
+            ip: r.ip.as_deref(),
+        })
+        .collect();
+    crate::pods::store::apply_reports(&app(depot).db, node.id, &moves).await?;
     Ok(Json(ReportsAnswer { accepted }))
 }

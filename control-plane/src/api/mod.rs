@@ -7,5 +7,6 @@ pub mod catalog;
 pub mod internal;
 pub mod pages;
 pub mod platform;
+pub mod pods;
 pub mod responses;
 pub mod teams;

@@ -45,7 +45,18 @@ fn api_router() -> Router {
                 .get(api::teams::members)
                 .post(api::teams::add_member),
         )
-        .push(Router::with_path("teams/{id}/members/{uid}").delete(api::teams::remove_member));
+        .push(Router::with_path("teams/{id}/members/{uid}").delete(api::teams::remove_member))
+        .push(Router::with_path("pods").get(api::pods::list).post(api::pods::create))
+        .push(
+            Router::with_path("pods/{name}")
+                .get(api::pods::get)
+                .delete(api::pods::delete),
+        )
+        .push(Router::with_path("pods/{name}/start").post(api::pods::start))
+        .push(Router::with_path("pods/{name}/stop").post(api::pods::stop))
+        .push(Router::with_path("pods/{name}/restart").post(api::pods::restart))
+        .push(Router::with_path("pods/{name}/preset").get(api::pods::preset))
+        .push(Router::with_path("pods/{name}/events").get(api::pods::events));
     Router::with_path("api").push(public).push(authenticated)
 }
 

@@ -18,6 +18,8 @@ pub struct AppState {
     pub session_lookup: SessionLookup,
     pub rate_limiter: RateLimiter,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The scheduler's queue of pod jobs.
+    pub pod_queue: Arc<crate::pods::queue::PodQueue>,
 }
 
 /// The state, which the router always injects.

@@ -1,0 +1,104 @@
+//! The scheduler process: consumes [`PodJob`]s (queue `pods`), places pods with [`crate::place`]
+//! and commits the placement in Postgres, sends nodes their jobs (`node:<id>`), and runs the
+//! reconciler that re-enqueues every pod not in its desired state.
+//!
+//! *Invariants.*
+//! - Placement locks the pod's row, then the chosen node's row, and re-sums the node's
+//!   committed pods under that lock before assigning: several scheduler replicas can never
+//!   over-commit a node (the check and the write happen under the node's lock).
+//! - Postgres is the truth: a job only says "converge this pod"; the worker reads the pod's
+//!   desired state and generation from its row, so a lost, duplicated or stale job is
+//!   harmless, and the reconciler rebuilds lost work after a Redis flush.
+
+pub mod config;
+pub mod converge;
+pub mod reconcile;
+pub mod spec;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_redis::{Config as QueueConfig, RedisStorage};
+use instapod_common::node::{PODS_QUEUE, PodJob};
+use tokio::sync::watch;
+
+pub use config::Config;
+
+/// Shared by every job.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub db: deadpool_postgres::Pool,
+    pub redis: apalis_redis::ConnectionManager,
+    pub config: Arc<Config>,
+}
+
+async fn handle(job: PodJob, ctx: Data<Context>) -> Result<(), BoxDynError> {
+    converge::converge(&ctx, job.pod_id).await.map_err(|err| {
+        tracing::warn!(pod = %job.pod_id, error = %err, "converging failed; retrying");
+        Box::new(err) as BoxDynError
+    })
+}
+
+/// Runs the scheduler until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut pg = deadpool_postgres::Config::new();
+    pg.url = Some(config.database_url.expose().to_string());
+    pg.pool = Some(deadpool_postgres::PoolConfig::new(config.database_pool_size));
+    let db = pg.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
+    let redis = loop {
+        match apalis_redis::connect(config.redis_url.expose()).await {
+            Ok(conn) => break conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "Redis not reachable; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let ctx = Context {
+        db,
+        redis: redis.clone(),
+        config: Arc::new(config),
+    };
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    tokio::spawn(reconcile::run(ctx.clone(), shutdown.clone()));
+    let concurrency = ctx.config.concurrency;
+    let worker_ctx = ctx.clone();
+    let jobs = async move {
+        loop {
+            let storage = RedisStorage::<PodJob>::new(worker_ctx.redis.clone())
+                .with_config(QueueConfig::default().queue(PODS_QUEUE));
+            let worker = WorkerBuilder::new(format!("scheduler-{}", uuid::Uuid::new_v4().simple()))
+                .backend(storage)
+                .retry(RetryPolicy::retries(5))
+                .concurrency(concurrency)
+                .data(worker_ctx.clone())
+                .build(handle);
+            if let Err(err) = worker.run().await {
+                tracing::warn!(error = %err, "pod job consumer stopped; restarting");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tracing::info!("scheduler ready");
+    tokio::select! {
+        _ = jobs => {}
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    let _ = shutdown_tx.send(true);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

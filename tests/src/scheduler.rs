@@ -1,0 +1,59 @@
+//! Starting the real `instapod-scheduler` binary on a control plane's database and a Redis URL
+//! (the one the control plane and the node agents use for their queues).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::{ids, process};
+
+/// A running scheduler; killed when dropped.
+#[derive(Debug)]
+pub struct Scheduler {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Scheduler {
+    /// Starts a scheduler (reconcile every second, stops with a 2 s grace period).
+    pub fn start(database_url: &str, redis_url: &str) -> Scheduler {
+        let exe = std::env::current_exe().expect("test executable path");
+        let binary = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target directory")
+            .join("instapod-scheduler");
+        assert!(
+            binary.exists(),
+            "{} is missing: run `cargo build --workspace --bins` before the tests",
+            binary.display()
+        );
+        let log = process::temp_dir("scheduler").join(format!("scheduler-{}.log", ids::random_suffix()));
+        let (out, err) = process::log_file_stdio(&log);
+        let mut command = Command::new(&binary);
+        process::clear_instapod_env(&mut command);
+        let child = command
+            .env("INSTAPOD_SCHEDULER_DATABASE_URL", database_url)
+            .env("INSTAPOD_SCHEDULER_REDIS_URL", redis_url)
+            .env("INSTAPOD_SCHEDULER_RECONCILE_INTERVAL_SECS", "1")
+            .env("INSTAPOD_SCHEDULER_STOP_GRACE_SECS", "2")
+            .env("INSTAPOD_SCHEDULER_LOG_FILTER", "info,instapod_scheduler=debug")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+        process::register_child(&child, process::StopSignal::Kill);
+        Scheduler { child, log }
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        process::log_tail(&self.log, 40)
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        process::kill_and_reap(&mut self.child);
+    }
+}
