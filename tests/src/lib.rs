@@ -33,8 +33,8 @@ pub mod node;
 pub mod postgres;
 pub mod process;
 pub mod redis;
-pub mod scheduler;
 pub mod registry;
+pub mod scheduler;
 pub mod smtp;
 pub mod users;
 
