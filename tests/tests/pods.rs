@@ -19,6 +19,7 @@ const WAIT: Duration = Duration::from_secs(90);
 /// offering 600 millicores so that two `starter` pods (500m) cannot share a node.
 struct Fleet {
     cp: ControlPlane,
+    redis_url: String,
     _scheduler: Scheduler,
     agents: Vec<std::process::Child>,
     nodes: Vec<NodeSettings>,
@@ -81,6 +82,7 @@ async fn fleet() -> Fleet {
     .await;
     Fleet {
         cp,
+        redis_url,
         _scheduler: scheduler,
         agents,
         nodes,
@@ -167,6 +169,34 @@ async fn a_pod_goes_through_its_whole_lifecycle_on_real_nodes() {
     assert_eq!(running["node"], "node-eu-central", "the region decides the node");
     let ip = running["ip"].as_str().expect("a running pod has an IP").to_string();
     eventually(WAIT, "the pod's HTTP server", || http_ok(&ip)).await;
+
+    // Through the node's ingress, by the pod's host name.
+    let url = running["urls"][0].as_str().expect("a URL").to_string();
+    let host = url
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let ingress = format!("http://127.0.0.1:{}/", fleet.nodes[1].ingress_port);
+    let through = eventually(WAIT, "the pod through the ingress", || {
+        let (ingress, host) = (ingress.clone(), host.clone());
+        async move {
+            let client = instapod_tests::http_builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(3))
+                .build()?;
+            let response = client.get(&ingress).header("host", &host).send().await?;
+            let status = response.status().as_u16();
+            ensure!(status == 404 || status == 200, "{status}");
+            Ok(response
+                .headers()
+                .get("server")
+                .map(|v| v.to_str().unwrap_or_default().to_string()))
+        }
+    })
+    .await;
+    let _ = through;
 
     let list = user.client().get("/api/pods").send().await.json_with_status(200);
     assert_eq!(list["pods"].as_array().map(Vec::len), Some(1));
@@ -278,28 +308,37 @@ async fn a_full_fleet_leaves_a_pod_pending_until_a_delete_frees_room() {
             .await
             .json_with_status(202);
     }
-    // `local` region has one node with 600m: only one starter pod fits.
-    let first = wait_state(&user, "one", "running").await;
-    assert_eq!(first["node"], "node-local");
-    let pending = eventually(WAIT, "an unschedulable event", || async {
-        let body = pod(&user, "two").await;
-        ensure!(
-            body["state"] == "pending" && body["reason"].as_str().unwrap_or_default().contains("unschedulable"),
-            "{body}"
-        );
-        Ok(body)
+    // `local` region has one node with 600m: only one starter pod fits; either may win.
+    let (winner, loser) = eventually(WAIT, "one pod running and the other unschedulable", || async {
+        let one = pod(&user, "one").await;
+        let two = pod(&user, "two").await;
+        let unschedulable =
+            |p: &Value| p["state"] == "pending" && p["reason"].as_str().unwrap_or_default().contains("unschedulable");
+        if one["state"] == "running" && unschedulable(&two) {
+            return Ok(("one", two));
+        }
+        if two["state"] == "running" && unschedulable(&one) {
+            return Ok(("two", one));
+        }
+        anyhow::bail!("one: {} / two: {}", one["state"], two["state"])
     })
     .await;
-    let reason = pending["reason"].as_str().unwrap_or_default();
+    assert_eq!(pod(&user, winner).await["node"], "node-local");
+    let loser_name = loser["name"].as_str().expect("name").to_string();
+    let reason = loser["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("cpu"),
         "the reason names the missing resource: {reason}"
     );
-    let history = events(&user, "two").await;
+    let history = events(&user, &loser_name).await;
     assert!(history.iter().any(|e| e["kind"] == "unschedulable"), "{history:?}");
 
-    user.client().delete("/api/pods/one").send().await.json_with_status(202);
-    let second = wait_state(&user, "two", "running").await;
+    user.client()
+        .delete(&format!("/api/pods/{winner}"))
+        .send()
+        .await
+        .json_with_status(202);
+    let second = wait_state(&user, &loser_name, "running").await;
     assert_eq!(second["node"], "node-local", "the freed room is used");
 }
 
@@ -377,4 +416,98 @@ async fn bad_requests_are_refused_with_clear_errors_and_quota_holds() {
         .await
         .assert_error(404, "not_found");
     client.get("/api/pods/site/events").send().await.json_with_status(200);
+}
+
+#[tokio::test]
+async fn fifty_parallel_actions_on_one_pod_leave_one_consistent_state_and_a_redis_flush_loses_nothing() {
+    let fleet = fleet().await;
+    let user = user(&fleet.cp).await;
+    let image = web_image().await;
+    user.client()
+        .post_json(
+            "/api/pods",
+            &json!({"name": "busy", "image": image, "plan": "starter", "region": "eu-central"}),
+        )
+        .await
+        .json_with_status(202);
+    wait_state(&user, "busy", "running").await;
+
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        let client = user.client();
+        calls.push(tokio::spawn(async move {
+            let path = match i % 3 {
+                0 => "/api/pods/busy/stop",
+                1 => "/api/pods/busy/start",
+                _ => "/api/pods/busy/restart",
+            };
+            client.post(path).send().await.status
+        }));
+    }
+    for call in calls {
+        let status = call.await.expect("call");
+        assert!(
+            status == 202 || status == 409,
+            "every answer is 202 or 409, got {status}"
+        );
+    }
+    // Whatever won last, the pod settles in its desired state with at most one container.
+    let settled = eventually(WAIT, "the pod to settle", || async {
+        let body = pod(&user, "busy").await;
+        let settled = (body["desired_state"] == "running" && body["state"] == "running")
+            || (body["desired_state"] == "stopped" && body["state"] == "stopped");
+        ensure!(settled, "{body}");
+        Ok(body)
+    })
+    .await;
+    let node = &fleet.nodes[1];
+    let containers = instapod_tests::containerd::shared()
+        .ctr(&node.namespace)
+        .args(["containers", "ls", "-q"])
+        .output()
+        .expect("ctr");
+    let ids: Vec<String> = String::from_utf8_lossy(&containers.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(ids.len() <= 1, "at most one container: {ids:?}");
+    if settled["state"] == "running" {
+        assert_eq!(ids, vec![settled["id"].as_str().unwrap_or_default().to_string()]);
+    }
+
+    // Redis loses every queued job: the reconciler rebuilds the work from Postgres.
+    for name in ["after-a", "after-b"] {
+        user.client()
+            .post_json(
+                "/api/pods",
+                &json!({"name": name, "image": image, "plan": "free", "region": "local"}),
+            )
+            .await
+            .json_with_status(202);
+    }
+    let db = fleet.redis_url.rsplit('/').next().unwrap_or("0").to_string();
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &redis::shared().port().to_string(), "-n", &db, "FLUSHDB"])
+        .output()
+        .expect("redis-cli");
+    assert!(
+        String::from_utf8_lossy(&flushed.stdout).contains("OK"),
+        "FLUSHDB: {flushed:?}"
+    );
+    for name in ["after-a", "after-b"] {
+        wait_state(&user, name, "running").await;
+    }
+    user.client()
+        .delete("/api/pods/busy")
+        .send()
+        .await
+        .json_with_status(202);
+    eventually(WAIT, "the busy pod gone", || async {
+        ensure!(
+            user.client().get("/api/pods/busy").send().await.status == 404,
+            "still there"
+        );
+        Ok(())
+    })
+    .await;
 }
