@@ -142,10 +142,15 @@ fn transient(err: impl std::fmt::Display) -> PodError {
     PodError::Transient(err.to_string())
 }
 
-/// A short, stable hash of what the container is made from.
+/// A short, stable hash of what the container is made from (not the generation: a new
+/// generation with the same content keeps the container).
 fn spec_hash(spec: &PodSpec, image_chain: &str) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(serde_json::to_vec(&(spec, image_chain)).unwrap_or_default());
+    let content = PodSpec {
+        generation: 0,
+        ..spec.clone()
+    };
+    hasher.update(serde_json::to_vec(&(content, image_chain)).unwrap_or_default());
     hex::encode(&hasher.finalize()[..12])
 }
 

@@ -268,6 +268,41 @@ async fn a_pod_goes_through_its_whole_lifecycle_on_real_nodes() {
         .json_with_status(200);
     assert!(next["events"][0]["id"].as_i64().unwrap_or(i64::MAX) < before);
 
+    // Resize: refused when the node has no room, live when it has.
+    let refused = user
+        .client()
+        .post_json("/api/pods/web/resize", &json!({"plan": "pro"}))
+        .await;
+    let message = refused.assert_error(409, "no_room_on_node");
+    assert!(message.contains("node-eu-central"), "{message}");
+    let resized = user
+        .client()
+        .post_json(
+            "/api/pods/web/resize",
+            &json!({"cpu_millis": 550, "memory_bytes": 256 << 20}),
+        )
+        .await
+        .json_with_status(202);
+    assert_eq!(resized["resources"]["cpu_millis"], 550);
+    let pod_id = resized["id"].as_str().expect("id").to_string();
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/memory/instapod-test")
+        .join(&pod_id)
+        .join("memory.limit_in_bytes");
+    eventually(WAIT, "the running task's new memory limit", || {
+        let cgroup = cgroup.clone();
+        async move {
+            let limit = std::fs::read_to_string(&cgroup)?;
+            ensure!(limit.trim() == (256u64 << 20).to_string(), "limit {limit}");
+            Ok(())
+        }
+    })
+    .await;
+    assert_eq!(
+        pod(&user, "web").await["state"],
+        "running",
+        "a live resize does not stop the pod"
+    );
+
     // Another team cannot see it.
     let stranger = register_and_login(&fleet.cp).await;
     stranger

@@ -469,3 +469,79 @@ pub async fn events(
         next_before,
     }))
 }
+
+/// New limits: a plan, or explicit resources (both may be given; resources win).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    pub plan: Option<String>,
+    pub cpu_millis: Option<i32>,
+    pub memory_bytes: Option<i64>,
+    pub disk_bytes: Option<i64>,
+}
+
+/// Resize a pod
+///
+/// Applied live on the pod's node when it has room (202); refused with 409 `no_room_on_node`
+/// when it has not (moving to another node is not supported yet), 403 `quota_exceeded` past the
+/// team's plan.
+#[endpoint(tags("pods"), request_body = ResizeRequest)]
+pub async fn resize(
+    name: PathParam<String>,
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Accepted<PodView>, ApiError> {
+    let state = app(depot).clone();
+    let me = caller(depot).clone();
+    let body: ResizeRequest = json::read(req).await?;
+    let (mut cpu, mut memory, mut disk) = (None, None, None);
+    if let Some(plan) = &body.plan {
+        let client = db::connect(&state.db).await?;
+        let row = client
+            .query_opt(
+                "SELECT cpu_millicores, memory_mib, disk_gib FROM plans WHERE id = $1",
+                &[plan],
+            )
+            .await?
+            .ok_or_else(|| ApiError::bad_request("unknown_plan", format!("no plan {plan:?} (see GET /api/plans)")))?;
+        cpu = Some(row.get::<_, i32>(0));
+        memory = Some(i64::from(row.get::<_, i32>(1)) * 1024 * 1024);
+        disk = Some(i64::from(row.get::<_, i32>(2)) * 1024 * 1024 * 1024);
+    }
+    cpu = body.cpu_millis.or(cpu);
+    memory = body.memory_bytes.or(memory);
+    disk = body.disk_bytes.or(disk);
+    let current = store::get(&state.db, me.team_id, &name)
+        .await?
+        .ok_or_else(|| not_found(&name))?;
+    let size = store::NewSize {
+        plan_id: body.plan.clone(),
+        cpu_millis: cpu.unwrap_or(current.cpu_millis),
+        memory_bytes: memory.unwrap_or(current.memory_bytes),
+        disk_bytes: disk.unwrap_or(current.disk_bytes),
+    };
+    if body.plan.is_none() && body.cpu_millis.is_none() && body.memory_bytes.is_none() && body.disk_bytes.is_none() {
+        return Err(ApiError::validation(
+            "give a plan or cpu_millis, memory_bytes or disk_bytes",
+        ));
+    }
+    if !(10..=64_000).contains(&size.cpu_millis)
+        || !(8 << 20..=1 << 40).contains(&size.memory_bytes)
+        || !(1 << 20..=16 << 40).contains(&size.disk_bytes)
+    {
+        return Err(ApiError::validation(
+            "cpu_millis must be 10 to 64000, memory_bytes 8 MiB to 1 TiB, disk_bytes 1 MiB to 16 TiB",
+        ));
+    }
+    match store::resize(&state.db, me.team_id, &name, &size).await {
+        Ok(pod) => {
+            state.pod_queue.push(pod.id, pod.generation).await;
+            Ok(Accepted(view(&state, pod)))
+        }
+        Err(store::ResizeError::NotFound(_)) => Err(not_found(&name)),
+        Err(store::ResizeError::State(message)) => Err(ApiError::conflict("invalid_state", message)),
+        Err(store::ResizeError::Quota(message)) => Err(ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", message)),
+        Err(store::ResizeError::NoRoom(message)) => Err(ApiError::conflict("no_room_on_node", message)),
+        Err(store::ResizeError::Db(err)) => Err(err.into()),
+    }
+}

@@ -457,3 +457,142 @@ pub async fn apply_reports(pool: &Pool, node_id: Uuid, reports: &[Report<'_>]) -
     tx.commit().await?;
     Ok(())
 }
+
+/// New limits for a pod.
+#[derive(Debug, Clone)]
+pub struct NewSize {
+    pub plan_id: Option<String>,
+    pub cpu_millis: i32,
+    pub memory_bytes: i64,
+    pub disk_bytes: i64,
+}
+
+/// Why a resize was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("no pod named {0:?} in your active team")]
+    NotFound(String),
+    #[error("{0}")]
+    State(String),
+    #[error("{0}")]
+    Quota(String),
+    #[error("{0}")]
+    NoRoom(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for ResizeError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        ResizeError::Db(err.into())
+    }
+}
+
+/// Resizes the team's pod `name` in place: within the team's plan, and — when it is placed —
+/// within its node's free capacity, checked under the node's row lock (the same lock the
+/// scheduler takes, so a resize and a placement cannot over-commit the node together).
+pub async fn resize(pool: &Pool, team_id: Uuid, name: &str, size: &NewSize) -> Result<PodRow, ResizeError> {
+    let mut client = db::connect(pool).await?;
+    let tx = client.transaction().await?;
+    let plan = tx
+        .query_one(
+            "SELECT pl.id, pl.cpu_millicores, pl.memory_mib, pl.disk_gib
+             FROM teams t JOIN plans pl ON pl.id = t.plan_id WHERE t.id = $1 FOR UPDATE OF t",
+            &[&team_id],
+        )
+        .await?;
+    let Some(row) = tx
+        .query_opt(
+            &format!("{SELECT} WHERE p.team_id = $1 AND p.name = $2 FOR UPDATE OF p"),
+            &[&team_id, &name],
+        )
+        .await?
+    else {
+        return Err(ResizeError::NotFound(name.to_string()));
+    };
+    let pod = row_to_pod(&row);
+    if pod.desired_state == "deleted" {
+        return Err(ResizeError::State(format!(
+            "the pod is being deleted (state {})",
+            pod.state
+        )));
+    }
+    let others = tx
+        .query_one(
+            "SELECT COALESCE(sum(cpu_millis), 0)::int8, COALESCE(sum(memory_bytes), 0)::int8,
+                    COALESCE(sum(disk_bytes), 0)::int8
+             FROM pods WHERE team_id = $1 AND desired_state <> 'deleted' AND id <> $2",
+            &[&team_id, &pod.id],
+        )
+        .await?;
+    let (plan_name, cpu, memory_mib, disk_gib): (String, i32, i32, i32) =
+        (plan.get(0), plan.get(1), plan.get(2), plan.get(3));
+    if others.get::<_, i64>(0) + i64::from(size.cpu_millis) > i64::from(cpu)
+        || others.get::<_, i64>(1) + size.memory_bytes > i64::from(memory_mib) * 1024 * 1024
+        || others.get::<_, i64>(2) + size.disk_bytes > i64::from(disk_gib) * 1024 * 1024 * 1024
+    {
+        return Err(ResizeError::Quota(format!(
+            "the team's plan `{plan_name}` allows {cpu} millicores, {memory_mib} MiB and {disk_gib} GiB in total"
+        )));
+    }
+    if let Some(node) = pod.node_id {
+        let capacity = tx
+            .query_one(
+                "SELECT name, COALESCE(allocatable_cpu_millis, 0), COALESCE(allocatable_memory_bytes, 0),
+                        COALESCE(allocatable_disk_bytes, 0)
+                 FROM nodes WHERE id = $1 FOR UPDATE",
+                &[&node],
+            )
+            .await?;
+        let used = tx
+            .query_one(
+                "SELECT COALESCE(sum(cpu_millis), 0)::int8, COALESCE(sum(memory_bytes), 0)::int8,
+                        COALESCE(sum(disk_bytes), 0)::int8
+                 FROM pods WHERE node_id = $1 AND id <> $2",
+                &[&node, &pod.id],
+            )
+            .await?;
+        let node_name: String = capacity.get(0);
+        let free_cpu = capacity.get::<_, i64>(1) - used.get::<_, i64>(0);
+        let free_memory = capacity.get::<_, i64>(2) - used.get::<_, i64>(1);
+        let free_disk = capacity.get::<_, i64>(3) - used.get::<_, i64>(2);
+        if i64::from(size.cpu_millis) > free_cpu || size.memory_bytes > free_memory || size.disk_bytes > free_disk {
+            return Err(ResizeError::NoRoom(format!(
+                "node {node_name} has {free_cpu} millicores, {} MiB and {} GiB free for this pod; \
+                 moving a pod to another node is not supported yet",
+                free_memory >> 20,
+                free_disk >> 30
+            )));
+        }
+    }
+    let plan_id = size.plan_id.clone().unwrap_or(pod.plan_id.clone());
+    tx.execute(
+        "UPDATE pods SET cpu_millis = $2, memory_bytes = $3, disk_bytes = $4, plan_id = $5,
+                generation = generation + 1, resize_requested = node_id IS NOT NULL, updated_at = now()
+         WHERE id = $1",
+        &[
+            &pod.id,
+            &size.cpu_millis,
+            &size.memory_bytes,
+            &size.disk_bytes,
+            &plan_id,
+        ],
+    )
+    .await?;
+    event(
+        &tx,
+        pod.id,
+        "action",
+        Some(&pod.state),
+        &format!(
+            "resize requested: {} millicores, {} MiB memory, {} GiB disk",
+            size.cpu_millis,
+            size.memory_bytes >> 20,
+            size.disk_bytes >> 30
+        ),
+    )
+    .await?;
+    let row = tx.query_one(&format!("{SELECT} WHERE p.id = $1"), &[&pod.id]).await?;
+    tx.commit().await?;
+    Ok(row_to_pod(&row))
+}

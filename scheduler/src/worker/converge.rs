@@ -153,6 +153,22 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
             )
             .await?;
         }
+        ("running", Some(node)) if pod.resize_requested && pod.state == "running" => {
+            // Live: the node changes the running task's limits (and its stored spec).
+            tx.execute("UPDATE pods SET resize_requested = false WHERE id = $1", &[&pod.id])
+                .await?;
+            tx.commit().await?;
+            send(
+                ctx,
+                node,
+                NodeJob::Resize {
+                    pod_id: pod.id,
+                    generation: pod.generation,
+                    resources: pod.resources(),
+                },
+            )
+            .await?;
+        }
         (_, Some(node)) => {
             if pod.restart_requested {
                 // Cleared here: a retried job sends an ensure, not a second restart.

@@ -26,10 +26,11 @@ pub struct PodRow {
     pub hostnames: Vec<String>,
     pub node_id: Option<Uuid>,
     pub restart_requested: bool,
+    pub resize_requested: bool,
 }
 
 pub const POD_COLUMNS: &str = "id, name, generation, state, desired_state, reason, image, region, cpu_millis,
-    memory_bytes, disk_bytes, env, command, http_port, restart_policy, hostnames, node_id, restart_requested";
+    memory_bytes, disk_bytes, env, command, http_port, restart_policy, hostnames, node_id, restart_requested, resize_requested";
 
 impl PodRow {
     pub fn from_row(row: &tokio_postgres::Row) -> PodRow {
@@ -52,6 +53,7 @@ impl PodRow {
             hostnames: row.get(15),
             node_id: row.get(16),
             restart_requested: row.get(17),
+            resize_requested: row.get(18),
         }
     }
 
