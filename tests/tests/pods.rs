@@ -20,6 +20,7 @@ const WAIT: Duration = Duration::from_secs(90);
 struct Fleet {
     cp: ControlPlane,
     redis_url: String,
+    agent_env: Vec<Vec<(String, String)>>,
     _scheduler: Scheduler,
     agents: Vec<std::process::Child>,
     nodes: Vec<NodeSettings>,
@@ -48,6 +49,7 @@ async fn fleet() -> Fleet {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
     let mut agents = Vec::new();
     let mut nodes = Vec::new();
+    let mut agent_env = Vec::new();
     let mut cleanup = Vec::new();
     for region in ["local", "eu-central"] {
         let settings = NodeSettings::new(region);
@@ -65,6 +67,7 @@ async fn fleet() -> Fleet {
         ];
         let (child, _log) = spawn_agent(&settings, &env);
         agents.push(child);
+        agent_env.push(env);
         nodes.push(settings);
     }
     eventually(WAIT, "both nodes healthy with capacity", || async {
@@ -83,6 +86,7 @@ async fn fleet() -> Fleet {
     Fleet {
         cp,
         redis_url,
+        agent_env,
         _scheduler: scheduler,
         agents,
         nodes,
@@ -375,6 +379,23 @@ async fn a_full_fleet_leaves_a_pod_pending_until_a_delete_frees_room() {
         .json_with_status(202);
     let second = wait_state(&user, &loser_name, "running").await;
     assert_eq!(second["node"], "node-local", "the freed room is used");
+
+    // The node goes silent: its pods become `unknown` with an event; when it is back, its
+    // heartbeat decides.
+    let mut fleet = fleet;
+    instapod_tests::process::kill_and_reap(&mut fleet.agents[0]);
+    wait_state(&user, &loser_name, "unknown").await;
+    let history = events(&user, &loser_name).await;
+    assert!(
+        history.iter().any(|e| e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stopped heartbeating")),
+        "{history:?}"
+    );
+    let (child, _log) = spawn_agent(&fleet.nodes[0], &fleet.agent_env[0]);
+    fleet.agents[0] = child;
+    wait_state(&user, &loser_name, "running").await;
 }
 
 #[tokio::test]
