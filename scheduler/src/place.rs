@@ -1,4 +1,4 @@
-//! [`place`]: choose a node for one pod from a snapshot of the fleet.
+//! [`place()`]: choose a node for one pod from a snapshot of the fleet.
 //!
 //! *Design.* One pass over the nodes. A node qualifies when it is healthy, has at least the
 //! requested CPU, memory and disk free, is not the excluded node, is in the requested region
@@ -13,10 +13,11 @@
 //! node id). The chosen node always fits the request; no qualifying node ranks strictly higher.
 //!
 //! *Limitations.* The pass is linear in the fleet and reads every [`NodeView`] (about 150
-//! bytes, plus the region's heap string when a region is requested), so at 10,000 nodes it is
-//! bound by memory bandwidth well below 100,000 placements a second. [`crate::FleetIndex`]
-//! answers the same question from a compact, pre-filtered copy of the snapshot for callers that
-//! place many pods against one snapshot.
+//! bytes, plus the region's heap string when a region is requested and the label map when
+//! labels are), so at 10,000 nodes it manages only a few thousand placements a second (see
+//! `BENCHMARKS.md`); most of the time goes to region string comparisons and label lookups on
+//! scattered heap memory. [`crate::FleetIndex`] answers the same question from a compact,
+//! pre-filtered copy of the snapshot for callers that place many pods against one snapshot.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
