@@ -17,6 +17,9 @@ use uuid::Uuid;
 
 use crate::pods::{Outcome, PodError, Pods};
 
+/// How often the consumer looks for new jobs.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Attempts after the first for a job that fails transiently.
 const RETRIES: usize = 8;
 
@@ -49,7 +52,11 @@ async fn handle(job: NodeJob, pods: Data<Pods>) -> Result<(), BoxDynError> {
 /// Consumes `node:<node_id>` until the worker stops (Redis gone: returns the error).
 pub async fn run(redis_url: &str, node_id: Uuid, pods: Pods, concurrency: usize) -> Result<(), BoxDynError> {
     let conn = apalis_redis::connect(redis_url).await?;
-    let storage = RedisStorage::<NodeJob>::new(conn).with_config(QueueConfig::default().queue(node_queue(node_id)));
+    // apalis-redis fetches from an empty queue only on its heartbeat (30 s) unless told to
+    // poll: a job must start within a fraction of a second.
+    let storage = RedisStorage::<NodeJob>::new(conn)
+        .with_config(QueueConfig::default().queue(node_queue(node_id)))
+        .poll_with_interval(POLL_INTERVAL);
     let backoff = ExponentialBackoffMaker::new(
         Duration::from_millis(500),
         Duration::from_secs(30),
@@ -57,7 +64,9 @@ pub async fn run(redis_url: &str, node_id: Uuid, pods: Pods, concurrency: usize)
         HasherRng::default(),
     )?
     .make_backoff();
-    let worker = WorkerBuilder::new(format!("node-agent-{node_id}"))
+    // A fresh name per run: a restarted agent must not wait for its previous registration to
+    // expire (jobs a killed agent held in flight are redone by the reconcilers).
+    let worker = WorkerBuilder::new(format!("node-agent-{node_id}-{}", uuid::Uuid::new_v4().simple()))
         .backend(storage)
         .retry(RetryPolicy::retries(RETRIES).with_backoff(backoff))
         .concurrency(concurrency)

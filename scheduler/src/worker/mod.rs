@@ -66,8 +66,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let worker_ctx = ctx.clone();
     let jobs = async move {
         loop {
+            // apalis-redis fetches from an empty queue only on its heartbeat (30 s) unless told
+            // to poll: a new pod must be placed within a fraction of a second.
             let storage = RedisStorage::<PodJob>::new(worker_ctx.redis.clone())
-                .with_config(QueueConfig::default().queue(PODS_QUEUE));
+                .with_config(QueueConfig::default().queue(PODS_QUEUE))
+                .poll_with_interval(Duration::from_millis(50));
             let worker = WorkerBuilder::new(format!("scheduler-{}", uuid::Uuid::new_v4().simple()))
                 .backend(storage)
                 .retry(RetryPolicy::retries(5))
