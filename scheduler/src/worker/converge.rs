@@ -190,6 +190,7 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
                 ..PlacementRequest::for_resources(&pod.resources())
             };
             let mut nodes = fleet(&tx).await?;
+            let mut attempts = 0;
             let placed = loop {
                 match place(&nodes, &request, ctx.config.strategy) {
                     Err(unschedulable) => break Err(unschedulable.to_string()),
@@ -225,8 +226,16 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
                         if fits {
                             break Ok((placement.node_id, name));
                         }
-                        // Another scheduler took that room: forget the node and choose again.
-                        nodes.retain(|n| n.id != placement.node_id);
+                        // Another placement took that room: refresh the node's view with what the
+                        // lock shows and choose again (an unschedulable answer then names it).
+                        attempts += 1;
+                        if let Some(view) = nodes.iter_mut().find(|n| n.id == placement.node_id) {
+                            view.healthy = healthy;
+                            view.reserved = capacity(used.get(0), used.get(1), used.get(2));
+                        }
+                        if attempts > 16 {
+                            nodes.retain(|n| n.id != placement.node_id);
+                        }
                     }
                 }
             };
