@@ -1,5 +1,21 @@
 //! Converging one pod: place it if it has no node, then send its node the job matching the
 //! desired state.
+//!
+//! *Placement.* Choosing a node reads a snapshot of the fleet — every node with what its
+//! pods reserve — that the process keeps in a [`FleetIndex`] for up to a second, with the
+//! reservations it commits mirrored into it, instead of reading the whole fleet from Postgres
+//! for every pod. The choice is then checked against Postgres under the node's row lock: the
+//! node is locked (`FOR UPDATE`), and a statement that starts after the lock is held sums
+//! what the node's pods reserve and assigns the pod only if it still fits, so a stale snapshot
+//! can cost another choice but never over-commits a node, with one scheduler or several. A
+//! node that lost its room to another placement is corrected in the snapshot with what the
+//! lock showed (and stays in it, so an unschedulable answer still names it); a node that is
+//! gone, unhealthy or relabelled makes the snapshot be read again. A pod is declared
+//! unschedulable only against a snapshot read while placing it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use apalis::prelude::TaskSink;
 use apalis_redis::{Config as QueueConfig, RedisStorage};
@@ -9,7 +25,108 @@ use uuid::Uuid;
 
 use super::Context;
 use super::spec::{POD_COLUMNS, PodRow};
-use crate::{NodeView, PlacementRequest, place};
+use crate::{FleetIndex, NodeView, Placement, PlacementRequest, Strategy, Unschedulable};
+
+/// How long a fleet snapshot chooses nodes before it is read again: nodes that joined and room
+/// that deletes freed show up within this time (and at once for a pod that would otherwise be
+/// unschedulable).
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Choices checked under a node's lock before converging fails (and the job is retried).
+const MAX_CHOICES: usize = 16;
+
+/// A fleet snapshot and when it was read.
+struct Snapshot {
+    index: FleetIndex,
+    read_at: Instant,
+}
+
+/// What the process knows for placing pods in one database.
+#[derive(Default)]
+struct Placer {
+    snapshot: Option<Snapshot>,
+    /// Nodes this process is assigning a pod to right now (the node's row is locked or about to
+    /// be), with how many assignments: other placements prefer other nodes meanwhile.
+    in_flight: HashMap<Uuid, usize>,
+}
+
+impl Snapshot {
+    /// The snapshot's choice for `request`, preferring nodes without an assignment of this
+    /// process in flight (one would only wait for that assignment's lock); such a node is
+    /// chosen when nothing else fits.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the same result as `FleetIndex::place`, passed on as it is"
+    )]
+    fn choose(
+        &mut self,
+        in_flight: &HashMap<Uuid, usize>,
+        request: &PlacementRequest,
+        strategy: Strategy,
+    ) -> Result<Placement, Unschedulable> {
+        let busy: Vec<(Uuid, Capacity)> = self
+            .index
+            .nodes()
+            .iter()
+            .filter(|node| in_flight.contains_key(&node.id))
+            .map(|node| (node.id, node.free()))
+            .collect();
+        // Make them look full for this one choice, then exactly as they were.
+        for (id, free) in &busy {
+            let _ = self.index.reserve(*id, *free);
+        }
+        let avoiding = self.index.place(request, strategy);
+        for (id, free) in &busy {
+            let _ = self.index.release(*id, *free);
+        }
+        match avoiding {
+            Err(_) if !busy.is_empty() => self.index.place(request, strategy),
+            chosen => chosen,
+        }
+    }
+}
+
+/// Per database URL (a scheduler process has one database).
+static PLACERS: LazyLock<Mutex<HashMap<String, Placer>>> = LazyLock::new(Default::default);
+
+/// Runs `f` on the placer of `key`'s database, under its lock (never held across an `.await`).
+fn with_placer<R>(key: &str, f: impl FnOnce(&mut Placer) -> R) -> R {
+    let mut placers = PLACERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let placer = match placers.get_mut(key) {
+        Some(placer) => placer,
+        None => placers.entry(key.to_string()).or_default(),
+    };
+    f(placer)
+}
+
+/// An assignment in flight on a node; counted down when dropped, whatever happened.
+struct InFlight {
+    key: String,
+    node: Uuid,
+}
+
+impl InFlight {
+    fn start(placer: &mut Placer, key: &str, node: Uuid) -> InFlight {
+        *placer.in_flight.entry(node).or_default() += 1;
+        InFlight {
+            key: key.to_string(),
+            node,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        with_placer(&self.key, |placer| {
+            if let Some(count) = placer.in_flight.get_mut(&self.node) {
+                *count -= 1;
+                if *count == 0 {
+                    placer.in_flight.remove(&self.node);
+                }
+            }
+        });
+    }
+}
 
 /// Why converging failed (retried by the job system).
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +139,11 @@ pub enum ConvergeError {
 
 impl From<tokio_postgres::Error> for ConvergeError {
     fn from(err: tokio_postgres::Error) -> Self {
-        ConvergeError::Db(err.to_string())
+        // The server's message, not only "db error".
+        match err.as_db_error() {
+            Some(db) => ConvergeError::Db(format!("{}: {}", db.code().code(), db.message())),
+            None => ConvergeError::Db(err.to_string()),
+        }
     }
 }
 
@@ -58,7 +179,8 @@ async fn event(
     Ok(())
 }
 
-/// The fleet with what each node has committed (pods placed on it that are not gone).
+/// The fleet with what each node has committed (pods placed on it that are not gone): one
+/// pass over `nodes` and `pods`, so it is read per snapshot, not per placement.
 async fn fleet(client: &impl GenericClient) -> Result<Vec<NodeView>, ConvergeError> {
     let rows = client
         .query(
@@ -97,17 +219,201 @@ fn capacity(cpu: i64, memory: i64, disk: i64) -> Capacity {
     }
 }
 
+/// Reads the fleet and makes it the snapshot placement chooses from.
+async fn refresh(ctx: &Context, client: &impl GenericClient) -> Result<(), ConvergeError> {
+    let nodes = fleet(client).await?;
+    let index = FleetIndex::new(&nodes);
+    let snapshot = Snapshot {
+        index,
+        read_at: Instant::now(),
+    };
+    with_placer(ctx.config.database_url.expose(), |placer| {
+        placer.snapshot = Some(snapshot)
+    });
+    Ok(())
+}
+
+/// Where placing a pod ended.
+enum Placed {
+    /// On this node (id, name); the pod's row and its `scheduled` event are written in the
+    /// transaction, not yet committed. The node counts as in flight until this is dropped
+    /// (after the commit releases its row lock).
+    Node(Uuid, String, InFlight),
+    /// Nowhere, according to a snapshot read while placing: why.
+    Unschedulable(String),
+}
+
+/// Chooses a node for `pod` from the snapshot and assigns it under the node's row lock (see
+/// the module documentation). The pod's row is locked by `tx`.
+async fn place_pod(
+    ctx: &Context,
+    tx: &deadpool_postgres::Transaction<'_>,
+    pod: &PodRow,
+    request: &PlacementRequest,
+) -> Result<Placed, ConvergeError> {
+    let key = ctx.config.database_url.expose();
+    // Whether the snapshot was read while placing this pod.
+    let mut fresh = false;
+    for _ in 0..MAX_CHOICES {
+        let choice = with_placer(key, |placer| {
+            let snapshot = placer
+                .snapshot
+                .as_mut()
+                .filter(|snapshot| fresh || snapshot.read_at.elapsed() < SNAPSHOT_MAX_AGE)?;
+            let chosen = snapshot.choose(&placer.in_flight, request, ctx.config.strategy);
+            Some(chosen.map(|placement| {
+                let in_flight = InFlight::start(placer, key, placement.node_id);
+                (placement, in_flight)
+            }))
+        });
+        let (placement, in_flight) = match choice {
+            Some(Ok(chosen)) => chosen,
+            Some(Err(unschedulable)) if fresh => return Ok(Placed::Unschedulable(unschedulable.to_string())),
+            // No snapshot, an old one, or one that says no without having been read now.
+            _ => {
+                refresh(ctx, tx).await?;
+                fresh = true;
+                continue;
+            }
+        };
+        match assign(tx, pod, request, placement.node_id).await? {
+            Assigned::Yes(name) => {
+                // Mirror the reservation (before the commit: if that fails, the snapshot only
+                // over-counts until it is read again).
+                with_placer(key, |placer| {
+                    if let Some(snapshot) = placer.snapshot.as_mut() {
+                        let _ = snapshot.index.reserve(placement.node_id, request.capacity());
+                    }
+                });
+                return Ok(Placed::Node(placement.node_id, name, in_flight));
+            }
+            Assigned::Full(used) => {
+                // Another placement (of this process or another scheduler) took the room the
+                // snapshot saw: correct the node's view with what the lock showed, choose again.
+                with_placer(key, |placer| {
+                    let Some(snapshot) = placer.snapshot.as_mut() else {
+                        return;
+                    };
+                    let seen = snapshot
+                        .index
+                        .nodes()
+                        .iter()
+                        .find(|node| node.id == placement.node_id)
+                        .map(|node| node.reserved);
+                    if let Some(seen) = seen {
+                        let _ = snapshot.index.release(placement.node_id, seen);
+                        let _ = snapshot.index.reserve(placement.node_id, used);
+                    }
+                });
+            }
+            Assigned::Unqualified => {
+                // Gone, unhealthy or relabelled since the snapshot was read: read it again.
+                refresh(ctx, tx).await?;
+                fresh = true;
+            }
+        }
+    }
+    Err(ConvergeError::Db(format!(
+        "pod {}: {MAX_CHOICES} nodes chosen in a row lost their room before they could be locked",
+        pod.id
+    )))
+}
+
+/// What [`assign`] did.
+enum Assigned {
+    /// The pod is assigned to the node (named here), not yet committed.
+    Yes(String),
+    /// The node lacks the room; what its pods reserve, read under its lock.
+    Full(Capacity),
+    /// The node is gone, unhealthy, or no longer meets the request's constraints.
+    Unqualified,
+}
+
+/// Locks node `node_id`'s row and, if it still qualifies and has the room, assigns the pod to
+/// it and writes the `scheduled` event.
+async fn assign(
+    tx: &deadpool_postgres::Transaction<'_>,
+    pod: &PodRow,
+    request: &PlacementRequest,
+    node_id: Uuid,
+) -> Result<Assigned, ConvergeError> {
+    let lock = tx
+        .prepare_cached(
+            "SELECT name, region, labels, status = 'healthy', COALESCE(allocatable_cpu_millis, 0),
+                    COALESCE(allocatable_memory_bytes, 0), COALESCE(allocatable_disk_bytes, 0)
+             FROM nodes WHERE id = $1 FOR UPDATE",
+        )
+        .await?;
+    let Some(node) = tx.query_opt(&lock, &[&node_id]).await? else {
+        return Ok(Assigned::Unqualified);
+    };
+    let (name, region, labels, healthy): (String, String, serde_json::Value, bool) =
+        (node.get(0), node.get(1), node.get(2), node.get(3));
+    let (cpu, memory, disk): (i64, i64, i64) = (node.get(4), node.get(5), node.get(6));
+    let labels: BTreeMap<String, String> = serde_json::from_value(labels).unwrap_or_default();
+    let qualifies = healthy
+        && request.region.as_ref().is_none_or(|wanted| *wanted == region)
+        && request
+            .required_labels
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+        && request.exclude_node != Some(node_id);
+    if !qualifies {
+        return Ok(Assigned::Unqualified);
+    }
+    // This statement starts after the lock is held, so it sees every placement committed on
+    // the node; its parts share one snapshot.
+    let assign = tx
+        .prepare_cached(
+            "WITH used AS (
+                 SELECT COALESCE(sum(cpu_millis), 0)::int8 AS cpu, COALESCE(sum(memory_bytes), 0)::int8 AS memory,
+                        COALESCE(sum(disk_bytes), 0)::int8 AS disk
+                 FROM pods WHERE node_id = $2),
+             placed AS (
+                 UPDATE pods SET node_id = $2, state = 'scheduled', reason = NULL, updated_at = now()
+                 WHERE id = $1
+                   AND EXISTS (SELECT 1 FROM used
+                               WHERE cpu + $3::int8 <= $6::int8 AND memory + $4::int8 <= $7::int8
+                                 AND disk + $5::int8 <= $8::int8)
+                 RETURNING id),
+             scheduled AS (
+                 INSERT INTO pod_events (pod_id, kind, state, message)
+                 SELECT id, 'scheduled', 'scheduled', $9 FROM placed
+                 RETURNING pod_id)
+             SELECT EXISTS (SELECT 1 FROM scheduled), cpu, memory, disk FROM used",
+        )
+        .await?;
+    let message = format!("placed on node {name}");
+    let row = tx
+        .query_one(
+            &assign,
+            &[
+                &pod.id,
+                &node_id,
+                &i64::from(pod.cpu_millis),
+                &pod.memory_bytes,
+                &pod.disk_bytes,
+                &cpu,
+                &memory,
+                &disk,
+                &message,
+            ],
+        )
+        .await?;
+    if row.get::<_, bool>(0) {
+        return Ok(Assigned::Yes(name));
+    }
+    Ok(Assigned::Full(capacity(row.get(1), row.get(2), row.get(3))))
+}
+
 /// Brings pod `pod_id` one step towards its desired state.
 pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> {
     let mut client = ctx.db.get().await?;
     let tx = client.transaction().await?;
-    let Some(row) = tx
-        .query_opt(
-            &format!("SELECT {POD_COLUMNS} FROM pods WHERE id = $1 FOR UPDATE"),
-            &[&pod_id],
-        )
-        .await?
-    else {
+    let lock = tx
+        .prepare_cached(&format!("SELECT {POD_COLUMNS} FROM pods WHERE id = $1 FOR UPDATE"))
+        .await?;
+    let Some(row) = tx.query_opt(&lock, &[&pod_id]).await? else {
         return Ok(());
     };
     let pod = PodRow::from_row(&row);
@@ -189,76 +495,14 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
                 region: Some(pod.region.clone()),
                 ..PlacementRequest::for_resources(&pod.resources())
             };
-            let mut nodes = fleet(&tx).await?;
-            let mut attempts = 0;
-            let placed = loop {
-                match place(&nodes, &request, ctx.config.strategy) {
-                    Err(unschedulable) => break Err(unschedulable.to_string()),
-                    Ok(placement) => {
-                        // Lock the node, then re-check its committed capacity under the lock.
-                        let locked = tx
-                            .query_one(
-                                "SELECT n.name, COALESCE(n.allocatable_cpu_millis, 0), COALESCE(n.allocatable_memory_bytes, 0),
-                                        COALESCE(n.allocatable_disk_bytes, 0), n.status = 'healthy'
-                                 FROM nodes n WHERE n.id = $1 FOR UPDATE",
-                                &[&placement.node_id],
-                            )
-                            .await?;
-                        let used = tx
-                            .query_one(
-                                "SELECT COALESCE(sum(cpu_millis), 0)::int8, COALESCE(sum(memory_bytes), 0)::int8,
-                                        COALESCE(sum(disk_bytes), 0)::int8
-                                 FROM pods WHERE node_id = $1",
-                                &[&placement.node_id],
-                            )
-                            .await?;
-                        let (name, cpu, memory, disk, healthy): (String, i64, i64, i64, bool) = (
-                            locked.get(0),
-                            locked.get(1),
-                            locked.get(2),
-                            locked.get(3),
-                            locked.get(4),
-                        );
-                        let fits = healthy
-                            && used.get::<_, i64>(0) + i64::from(pod.cpu_millis) <= cpu
-                            && used.get::<_, i64>(1) + pod.memory_bytes <= memory
-                            && used.get::<_, i64>(2) + pod.disk_bytes <= disk;
-                        if fits {
-                            break Ok((placement.node_id, name));
-                        }
-                        // Another placement took that room: refresh the node's view with what the
-                        // lock shows and choose again (an unschedulable answer then names it).
-                        attempts += 1;
-                        if let Some(view) = nodes.iter_mut().find(|n| n.id == placement.node_id) {
-                            view.healthy = healthy;
-                            view.reserved = capacity(used.get(0), used.get(1), used.get(2));
-                        }
-                        if attempts > 16 {
-                            nodes.retain(|n| n.id != placement.node_id);
-                        }
-                    }
-                }
-            };
-            match placed {
-                Ok((node, name)) => {
-                    tx.execute(
-                        "UPDATE pods SET node_id = $2, state = 'scheduled', reason = NULL, updated_at = now()
-                         WHERE id = $1",
-                        &[&pod.id, &node],
-                    )
-                    .await?;
-                    event(
-                        &tx,
-                        pod.id,
-                        "scheduled",
-                        Some("scheduled"),
-                        &format!("placed on node {name}"),
-                    )
-                    .await?;
+            match place_pod(ctx, &tx, &pod, &request).await? {
+                Placed::Node(node, name, in_flight) => {
                     tx.commit().await?;
+                    drop(in_flight);
+                    tracing::debug!(pod = %pod.id, node = %name, "placed");
                     send(ctx, node, NodeJob::EnsureRunning { spec: pod.spec() }).await?;
                 }
-                Err(why) => {
+                Placed::Unschedulable(why) => {
                     let message = format!("unschedulable: {why}");
                     if pod.reason.as_deref() != Some(message.as_str()) {
                         tx.execute(
