@@ -17,8 +17,11 @@ use uuid::Uuid;
 
 use crate::pods::{Outcome, PodError, Pods};
 
-/// How often the consumer looks for new jobs.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the consumer looks for new jobs. 20 ms keeps create → running within the issue's
+/// budget (BENCHMARKS.md, "Pods end to end"); an empty poll costs Redis about 13 µs, so 50
+/// polls a second per node are ~0.06% of Redis's core per node (a large fleet wants a wake-up
+/// on push instead).
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Wakes the consumer every `period` and always leaves a timer armed. apalis-core 1.0's
 /// `IntervalStrategy` (`poll_with_interval`) replaces its timer when it fires without polling

@@ -30,8 +30,10 @@
 //!   [`CtrBaseline`]), measured as the `ctr` process's run time; the task is then checked to be
 //!   `RUNNING` (not timed).
 //!
-//! After each measurement the pod is deleted through the API (`DELETE`, then `GET` until 404)
-//! and the `ctr` container killed and removed; none of that is timed. Every wait is bounded.
+//! Before each pod round the benchmark pauses for a random 0–200 ms (not timed), so that rounds
+//! do not fall into step with the queues' poll timers. After each measurement the pod is
+//! deleted through the API (`DELETE`, then `GET` until 404) and the `ctr` container killed and
+//! removed; none of that is timed. Every wait is bounded.
 //!
 //! Breakdown of each pod round (medians printed), from the same machine's clock: the POST
 //! until its 202; the 202 until the scheduler's placement transaction started (the
@@ -193,6 +195,11 @@ async fn pod_round(
     region_index: usize,
 ) -> anyhow::Result<PodRound> {
     let client = fresh_client(user).await;
+    // A random pause (not timed), so that rounds do not fall into step with the queues' poll
+    // timers (the previous round's delete ends right after an agent's poll).
+    let random = *Uuid::new_v4().as_bytes();
+    let jitter = u64::from(u16::from_le_bytes([random[0], random[1]]) % 200);
+    tokio::time::sleep(Duration::from_millis(jitter)).await;
     let metrics_port = fleet.nodes[region_index].metrics_port;
     let (sum_before, count_before) = handler_seconds(metrics_port).await?;
     let body = json!({"name": name, "image": image, "plan": PLAN, "region": REGIONS[region_index], "http_port": 8080});

@@ -97,10 +97,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let jobs = async move {
         loop {
             // apalis-redis fetches from an empty queue only on its heartbeat (30 s) unless told
-            // to poll: a new pod must be placed within a fraction of a second.
+            // to poll: a new pod must be placed within a fraction of a second (every 20 ms: see
+            // BENCHMARKS.md, "Pods end to end").
             let storage = RedisStorage::<PodJob>::new(worker_ctx.redis.clone())
                 .with_config(QueueConfig::default().queue(PODS_QUEUE))
-                .poll_with_strategy(PollEvery::new(Duration::from_millis(50)));
+                .poll_with_strategy(PollEvery::new(Duration::from_millis(20)));
             let worker = WorkerBuilder::new(format!("scheduler-{}", uuid::Uuid::new_v4().simple()))
                 .backend(storage)
                 .retry(RetryPolicy::retries(5))
