@@ -251,6 +251,10 @@ pub struct JoinRequest {
     /// The id this node had before, when its state directory remembers one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<Uuid>,
+    /// Where other nodes' ingresses reach this node's ingress (`ip:port`), to forward requests
+    /// for its pods; `None` when the agent cannot tell (its pods then answer 503 elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_addr: Option<String>,
 }
 
 /// The answer to a join: the node's id and its own token for everything after.
@@ -297,6 +301,53 @@ pub struct Heartbeat {
     pub labels: BTreeMap<String, String>,
     pub agent_version: String,
     pub pods: Vec<HeartbeatPod>,
+    /// As in [`JoinRequest::ingress_addr`]; every heartbeat repeats it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_addr: Option<String>,
+}
+
+/// `GET /internal/nodes/{id}/routes` (node token): where the pods of the *other* nodes are, for
+/// the asking node's ingress. Conditional with `If-None-Match: "<version>"` (304 while the
+/// routes are the same) and long-polled with `?wait=<seconds>`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngressRoutes {
+    /// Changes whenever the routes (or the hop token) change; also the answer's `ETag`.
+    pub version: String,
+    /// The fleet's value of the `x-instapod-hop` header: a request carrying it was forwarded by
+    /// another node's ingress, whose `X-Forwarded-*` headers can be kept.
+    pub hop_token: String,
+    pub routes: Vec<IngressRoute>,
+}
+
+impl std::fmt::Debug for IngressRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngressRoutes")
+            .field("version", &self.version)
+            .field("hop_token", &"***")
+            .field("routes", &self.routes)
+            .finish()
+    }
+}
+
+/// The host names of one pod of another node, and where its requests go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressRoute {
+    pub pod_id: Uuid,
+    pub hostnames: Vec<String>,
+    pub target: IngressTarget,
+}
+
+/// Where a pod of another node is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IngressTarget {
+    /// Placed on a healthy node: forward to that node's ingress (`ip:port`), which answers for
+    /// the pod whatever its state.
+    Node { node_id: Uuid, addr: String },
+    /// Waiting for a node (pending or unschedulable).
+    Unplaced,
+    /// Placed on a node that is unhealthy or advertised no ingress address.
+    NodeUnreachable { node_id: Uuid },
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 //! *Start-up order.* State directory → containerd (waits until it answers) → records loaded →
 //! metrics endpoint and ingress (pods that outlived an agent restart are reachable before the
 //! agent has joined) → join (retried until the control plane answers) → report and heartbeat
-//! loops → a first reconcile (adopt, restart, remove) → the task-event watcher, the periodic
-//! reconcile and log rotation → the job consumer (restarted when Redis goes away). SIGTERM or
+//! loops and the ingress route feed (the other nodes' pods) → a first reconcile (adopt,
+//! restart, remove) → the task-event watcher, the periodic reconcile and log rotation → the job consumer (restarted when Redis goes away). SIGTERM or
 //! Ctrl-C stops it; pods keep running (they belong to containerd's shims, not to the agent).
 
 use std::sync::Arc;
@@ -105,7 +105,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    tokio::spawn(crate::ingress::run(config.ingress_listen, pods.clone()));
+    let remote_routes = Arc::new(crate::ingress::RemoteRoutes::default());
+    let ingress = crate::ingress::fleet_wide(pods.clone(), remote_routes.clone());
+    tokio::spawn(crate::ingress::run(config.ingress_listen, ingress));
     let fleet = loop {
         match Fleet::join(&config, &dirs.node_file()).await {
             Ok(fleet) => break Arc::new(fleet),
@@ -123,6 +125,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         fleet.clone(),
         config.clone(),
         pods.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::ingress::feed::run(
+        fleet.clone(),
+        remote_routes,
         shutdown.clone(),
     ));
     if let Err(err) = pods.reconcile().await {

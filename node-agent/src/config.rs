@@ -55,6 +55,11 @@ pub struct Config {
     /// Where the HTTP ingress (the reverse proxy to pods, routed by `Host`) listens. Default
     /// `0.0.0.0:80`, as production needs; tests and the local stack set a loopback port.
     pub ingress_listen: SocketAddr,
+    /// Where the other nodes' ingresses reach this one (`ip:port`), to forward requests for
+    /// this node's pods. Default: `ingress_listen` when it names an address; when it listens
+    /// on all addresses, the address this machine uses to reach the control plane, with
+    /// `ingress_listen`'s port.
+    pub ingress_advertise: Option<SocketAddr>,
     /// Jobs handled at once. Default 4.
     pub job_concurrency: usize,
     /// Registries reached over plain HTTP besides loopback ones (`host:port`).
@@ -125,6 +130,7 @@ impl Default for Config {
             log_keep: 3,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
             ingress_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
+            ingress_advertise: None,
             job_concurrency: 4,
             plain_http_registries: Vec::new(),
             dns_servers: Vec::new(),
@@ -213,6 +219,13 @@ impl Config {
                 self.ingress_listen
             ));
         }
+        if let Some(advertise) = self.ingress_advertise
+            && (advertise.ip().is_unspecified() || advertise.port() == 0)
+        {
+            problems.push(format!(
+                "ingress_advertise {advertise} must name an address and port other nodes can connect to"
+            ));
+        }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
@@ -263,12 +276,18 @@ mod tests {
                     "INSTAPOD_AGENT_INGRESS_LISTEN".to_string(),
                     "127.0.0.1:8088".to_string(),
                 ),
+                (
+                    "INSTAPOD_AGENT_INGRESS_ADVERTISE".to_string(),
+                    "192.0.2.10:80".to_string(),
+                ),
             ],
         )
         .expect("loads");
         assert_eq!(config.network.subnet, "10.99.0.0/24");
         assert_eq!(config.ingress_listen, SocketAddr::from(([127, 0, 0, 1], 8088)));
         assert_eq!(Config::default().ingress_listen, SocketAddr::from(([0, 0, 0, 0], 80)));
+        assert_eq!(config.ingress_advertise, Some(SocketAddr::from(([192, 0, 2, 10], 80))));
+        assert_eq!(Config::default().ingress_advertise, None);
         assert_eq!(config.region, "eu");
         config.validate().expect("valid");
     }

@@ -8,12 +8,17 @@
 //! current state anyway). When the control plane stops accepting the node token (401: a later
 //! join replaced it), the agent joins again with its saved id. A batch of reports refused as
 //! malformed (another 4xx) is logged and dropped, so it cannot block the reports after it.
+//!
+//! *Ingress.* The join and every heartbeat carry the address other nodes reach this node's
+//! ingress at ([`advertised_ingress`]); [`Fleet::ingress_routes`] long-polls the routes of the
+//! other nodes' pods (the worker that applies them is `ingress::feed`).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use instapod_common::node::{Heartbeat, JoinRequest, JoinResponse, PodReport, ReportBatch};
+use instapod_common::node::{Heartbeat, IngressRoutes, JoinRequest, JoinResponse, PodReport, ReportBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -49,6 +54,8 @@ pub struct Fleet {
     credentials_file: PathBuf,
     credentials: RwLock<Credentials>,
     pub heartbeat_interval: Duration,
+    /// Where other nodes reach this node's ingress, as sent at join.
+    pub ingress_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +131,8 @@ impl Fleet {
     pub async fn join(config: &Config, credentials_file: &Path) -> Result<Fleet, FleetError> {
         let http = http_client();
         let base = config.control_plane_url.trim_end_matches('/').to_string();
-        let (credentials, interval) = join_once(&http, &base, config, credentials_file).await?;
+        let ingress_addr = advertised_ingress(config).await;
+        let (credentials, interval) = join_once(&http, &base, config, ingress_addr, credentials_file).await?;
         Ok(Fleet {
             http,
             base,
@@ -132,6 +140,7 @@ impl Fleet {
             credentials_file: credentials_file.to_path_buf(),
             credentials: RwLock::new(credentials),
             heartbeat_interval: interval,
+            ingress_addr,
         })
     }
 
@@ -146,7 +155,14 @@ impl Fleet {
 
     /// Joins again with the saved id after the token was refused.
     async fn rejoin(&self) -> Result<(), FleetError> {
-        let (credentials, _) = join_once(&self.http, &self.base, &self.config, &self.credentials_file).await?;
+        let (credentials, _) = join_once(
+            &self.http,
+            &self.base,
+            &self.config,
+            self.ingress_addr,
+            &self.credentials_file,
+        )
+        .await?;
         tracing::info!(node_id = %credentials.node_id, "rejoined the fleet with a new node token");
         *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = credentials;
         Ok(())
@@ -170,6 +186,63 @@ impl Fleet {
         }
     }
 
+    /// The routes of the other nodes' pods: `None` when they are still those of
+    /// `known_version` after waiting up to `wait` for a change (304).
+    pub async fn ingress_routes(
+        &self,
+        known_version: Option<&str>,
+        wait: Duration,
+    ) -> Result<Option<IngressRoutes>, FleetError> {
+        const WHAT: &str = "the ingress routes";
+        let mut rejoined = false;
+        loop {
+            let credentials = self.credentials();
+            let url = format!(
+                "{}/internal/nodes/{}/routes?wait={}",
+                self.base,
+                credentials.node_id,
+                wait.as_secs()
+            );
+            let mut request = self
+                .http
+                .get(&url)
+                .bearer_auth(&credentials.node_token)
+                // The control plane holds the request up to `wait`; leave room for the answer.
+                .timeout(wait + Duration::from_secs(10));
+            if let Some(version) = known_version {
+                request = request.header(reqwest::header::IF_NONE_MATCH, format!("\"{version}\""));
+            }
+            let response = request.send().await.map_err(|err| FleetError::Unreachable {
+                url: url.clone(),
+                reason: crate::error_chain(&err),
+            })?;
+            let status = response.status().as_u16();
+            if status == 304 {
+                return Ok(None);
+            }
+            if response.status().is_success() {
+                let routes = response.json().await.map_err(|err| FleetError::Unreachable {
+                    url: url.clone(),
+                    reason: format!("unreadable routes: {}", crate::error_chain(&err)),
+                })?;
+                return Ok(Some(routes));
+            }
+            let body = response.text().await.unwrap_or_default();
+            let err = FleetError::Refused {
+                what: WHAT,
+                status,
+                body,
+            };
+            if err.is_unauthorized() && !rejoined {
+                tracing::warn!(error = %err, "the node token was refused; joining again");
+                self.rejoin().await?;
+                rejoined = true;
+                continue;
+            }
+            return Err(err);
+        }
+    }
+
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), FleetError> {
         self.post_as_node("heartbeat", heartbeat, "the heartbeat").await
     }
@@ -187,6 +260,7 @@ async fn join_once(
     http: &reqwest::Client,
     base: &str,
     config: &Config,
+    ingress_addr: Option<SocketAddr>,
     credentials_file: &Path,
 ) -> Result<(Credentials, Duration), FleetError> {
     let saved: Option<Credentials> = std::fs::read(credentials_file)
@@ -198,6 +272,7 @@ async fn join_once(
         labels: config.labels.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         node_id: saved.as_ref().map(|c| c.node_id),
+        ingress_addr: ingress_addr.map(|addr| addr.to_string()),
     };
     let url = format!("{base}/internal/nodes/join");
     let response = post(http, &url, config.join_token.expose(), &request, "the join").await?;
@@ -213,6 +288,48 @@ async fn join_once(
     write_atomic(credentials_file, &bytes)?;
     set_private(credentials_file)?;
     Ok((credentials, Duration::from_secs(joined.heartbeat_interval_secs.max(1))))
+}
+
+/// Where other nodes reach this node's ingress: `ingress_advertise`, else `ingress_listen` when
+/// it names an address, else the address this machine uses towards the control plane (a UDP
+/// socket "connected" to it: no packet is sent) with `ingress_listen`'s port. `None` (logged)
+/// when none can be found; the node's pods then answer 503 on the other nodes.
+pub async fn advertised_ingress(config: &Config) -> Option<SocketAddr> {
+    if let Some(addr) = config.ingress_advertise {
+        return Some(addr);
+    }
+    let listen = config.ingress_listen;
+    if !listen.ip().is_unspecified() {
+        return Some(listen);
+    }
+    let target = reqwest::Url::parse(&config.control_plane_url).ok().and_then(|url| {
+        let host = url
+            .host_str()?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Some((host, url.port_or_known_default()?))
+    });
+    let local_ip = async {
+        let (host, port) = target?;
+        let socket = tokio::net::UdpSocket::bind(SocketAddr::new(listen.ip(), 0))
+            .await
+            .ok()?;
+        socket.connect((host.as_str(), port)).await.ok()?;
+        socket.local_addr().ok().map(|addr| addr.ip())
+    }
+    .await;
+    match local_ip {
+        Some(ip) if !ip.is_unspecified() => Some(SocketAddr::new(ip, listen.port())),
+        _ => {
+            tracing::warn!(
+                %listen,
+                control_plane_url = %config.control_plane_url,
+                "cannot tell which address other nodes reach this ingress at; set ingress_advertise"
+            );
+            None
+        }
+    }
 }
 
 fn set_private(path: &Path) -> std::io::Result<()> {
@@ -232,6 +349,7 @@ pub async fn heartbeat_loop(fleet: Arc<Fleet>, config: Arc<Config>, pods: Pods, 
             labels: config.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             pods: pods.summary(),
+            ingress_addr: fleet.ingress_addr.map(|addr| addr.to_string()),
         };
         if let Err(err) = fleet.heartbeat(&heartbeat).await {
             tracing::warn!(error = %err, "heartbeat failed");
@@ -297,6 +415,33 @@ mod tests {
     fn fleet_names_are_the_first_dns_label_in_lowercase() {
         assert_eq!(fleet_name("Node-1.example.com"), "node-1");
         assert_eq!(fleet_name("vm"), "vm");
+    }
+
+    #[tokio::test]
+    async fn the_advertised_ingress_is_configured_or_derived_from_the_listener() {
+        let check = async |advertise: Option<&str>, listen: &str, control_plane: &str| {
+            let config = Config {
+                ingress_advertise: advertise.map(|a| a.parse().expect("address")),
+                ingress_listen: listen.parse().expect("address"),
+                control_plane_url: control_plane.to_string(),
+                ..Config::default()
+            };
+            advertised_ingress(&config).await.map(|a| a.to_string())
+        };
+        assert_eq!(
+            check(Some("192.0.2.1:8080"), "0.0.0.0:80", "http://127.0.0.1:8080").await,
+            Some("192.0.2.1:8080".into())
+        );
+        assert_eq!(
+            check(None, "127.0.0.1:8088", "http://127.0.0.1:8080").await,
+            Some("127.0.0.1:8088".into())
+        );
+        // Listening everywhere: the address towards the control plane (loopback here).
+        assert_eq!(
+            check(None, "0.0.0.0:8089", "http://127.0.0.1:8080").await,
+            Some("127.0.0.1:8089".into())
+        );
+        assert_eq!(check(None, "0.0.0.0:80", "not a url").await, None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The internal API for node agents, under `/internal` (not part of the public spec or the
-//! OpenAPI document): join, heartbeat and pod reports. The bodies are the wire types of
+//! OpenAPI document): join, heartbeat, pod reports and the fleet's ingress routes. The bodies are the wire types of
 //! `instapod_common::node`; the rules are in `nodes` and in docs/api.md.
 //!
 //! Agents authenticate with `Authorization: Bearer …` only: the fleet's join token for a join,
@@ -19,7 +19,7 @@ use crate::http::json::{self, MAX_NODE_JSON_BODY};
 use crate::http::state::app;
 use crate::nodes::store::{self, AuthenticatedNode, JoinKind, NodeAuthError};
 use crate::nodes::validate::{self, MAX_REPORTS_PER_BATCH};
-use crate::nodes::{NodeStatus, tokens};
+use crate::nodes::{NodeStatus, routes as ingress_routes, tokens};
 
 /// The answer to a heartbeat.
 #[derive(Debug, Serialize)]
@@ -127,4 +127,46 @@ pub async fn reports(req: &mut Request, depot: &mut Depot) -> Result<Json<Report
         .collect();
     crate::pods::store::apply_reports(&app(depot).db, node.id, &moves).await?;
     Ok(Json(ReportsAnswer { accepted }))
+}
+
+/// `GET /internal/nodes/{id}/routes[?wait=<seconds>]`: the ingress routes of the pods on the
+/// other nodes, with `ETag: "<version>"`. With `If-None-Match` naming the current version the
+/// answer is 304 — after waiting up to `wait` seconds (at most 25) for the routes to change,
+/// when asked to. See `nodes::routes` for what a route says and how fresh it is.
+#[handler]
+pub async fn routes(req: &mut Request, depot: &mut Depot, res: &mut Response) -> Result<(), ApiError> {
+    let node = authenticate_node(req, depot).await?;
+    let state = app(depot);
+    let known = if_none_match(req);
+    let wait = req
+        .query::<u64>("wait")
+        .map_or(std::time::Duration::ZERO, std::time::Duration::from_secs)
+        .min(ingress_routes::MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let snapshot = loop {
+        let snapshot = state.ingress_routes.snapshot(&state.db).await?;
+        let now = tokio::time::Instant::now();
+        if known.as_deref() != Some(snapshot.version()) || now >= deadline {
+            break snapshot;
+        }
+        tokio::time::sleep(ingress_routes::REFRESH.min(deadline - now)).await;
+    };
+    let etag = HeaderValue::from_str(&format!("\"{}\"", snapshot.version())).map_err(|_| ApiError::internal())?;
+    res.headers_mut().insert("etag", etag);
+    // The answer carries the hop token: no cache may keep it.
+    res.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
+    if known.as_deref() == Some(snapshot.version()) {
+        res.status_code(StatusCode::NOT_MODIFIED);
+    } else {
+        res.render(Json(snapshot.for_node(node.id)));
+    }
+    Ok(())
+}
+
+/// The version named by `If-None-Match` (one entity tag, quotes and a weak prefix removed).
+fn if_none_match(req: &Request) -> Option<String> {
+    let raw = req.headers().get("if-none-match")?.to_str().ok()?.trim();
+    let tag = raw.strip_prefix("W/").unwrap_or(raw);
+    Some(tag.trim_matches('"').to_string())
 }

@@ -67,6 +67,7 @@ fn internal_router() -> Router {
         .push(Router::with_path("join").post(api::internal::join))
         .push(Router::with_path("{id}/heartbeat").post(api::internal::heartbeat))
         .push(Router::with_path("{id}/reports").post(api::internal::reports))
+        .push(Router::with_path("{id}/routes").get(api::internal::routes))
 }
 
 fn platform_router() -> Router {

@@ -20,6 +20,8 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The scheduler's queue of pod jobs.
     pub pod_queue: Arc<crate::pods::queue::PodQueue>,
+    /// The fleet's ingress routes, shared by every agent's request.
+    pub ingress_routes: Arc<crate::nodes::routes::RouteCache>,
 }
 
 /// The state, which the router always injects.

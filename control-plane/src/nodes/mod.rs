@@ -1,7 +1,8 @@
 //! Fleet membership: node agents join with the fleet's join token and get an id and their own
-//! token, then send heartbeats (capacity, labels, version, the pods they run) and pod reports
-//! to the `/internal` API (handlers in `api::internal`). A worker marks nodes whose heartbeats
-//! stopped `unhealthy`; their next heartbeat makes them `healthy` again.
+//! token, then send heartbeats (capacity, labels, version, the pods they run, the address of
+//! their ingress) and pod reports to the `/internal` API (handlers in `api::internal`), and
+//! fetch the fleet's ingress routes (`routes`). A worker marks nodes whose heartbeats stopped
+//! `unhealthy`; their next heartbeat makes them `healthy` again.
 //!
 //! *Design.* `tokens` owns both credentials, `validate` turns the wire types of
 //! `instapod_common::node` into plain values, `store` writes them, and `health` is the worker.
@@ -22,6 +23,7 @@
 //! against the catalog's regions.
 
 pub mod health;
+pub mod routes;
 pub mod store;
 pub mod tokens;
 pub mod validate;

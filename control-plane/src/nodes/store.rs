@@ -138,7 +138,8 @@ pub async fn join(pool: &Pool, input: &JoinInput) -> Result<JoinedNode, JoinErro
     if let Some(node_id) = input.node_id {
         let updated = client
             .query_opt(
-                "UPDATE nodes SET name = $2, region = $3, labels = $4, agent_version = $5, token_hash = $6
+                "UPDATE nodes SET name = $2, region = $3, labels = $4, agent_version = $5, token_hash = $6,
+                     ingress_addr = $7
                  WHERE id = $1 RETURNING id",
                 &[
                     &node_id,
@@ -147,6 +148,7 @@ pub async fn join(pool: &Pool, input: &JoinInput) -> Result<JoinedNode, JoinErro
                     &labels,
                     &input.agent_version,
                     &token.hash,
+                    &input.ingress_addr,
                 ],
             )
             .await;
@@ -173,12 +175,20 @@ pub async fn join(pool: &Pool, input: &JoinInput) -> Result<JoinedNode, JoinErro
     // (the later join's token wins).
     let row = client
         .query_one(
-            "INSERT INTO nodes (name, region, labels, agent_version, token_hash)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO nodes (name, region, labels, agent_version, token_hash, ingress_addr)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (name) DO UPDATE SET region = excluded.region, labels = excluded.labels,
-                 agent_version = excluded.agent_version, token_hash = excluded.token_hash
+                 agent_version = excluded.agent_version, token_hash = excluded.token_hash,
+                 ingress_addr = excluded.ingress_addr
              RETURNING id, xmax = 0",
-            &[&input.name, &input.region, &labels, &input.agent_version, &token.hash],
+            &[
+                &input.name,
+                &input.region,
+                &labels,
+                &input.agent_version,
+                &token.hash,
+                &input.ingress_addr,
+            ],
         )
         .await?;
     let inserted: bool = row.get(1);
@@ -234,7 +244,7 @@ pub async fn record_heartbeat(
                  region = $3, labels = $4, agent_version = $5,
                  total_cpu_millis = $6, total_memory_bytes = $7, total_disk_bytes = $8,
                  allocatable_cpu_millis = $9, allocatable_memory_bytes = $10, allocatable_disk_bytes = $11,
-                 pods = $12, last_heartbeat_at = now(), status = 'healthy',
+                 pods = $12, ingress_addr = $13, last_heartbeat_at = now(), status = 'healthy',
                  status_changed_at = CASE WHEN previous.status = 'healthy' THEN n.status_changed_at ELSE now() END
              FROM previous WHERE n.id = previous.id
              RETURNING previous.status, n.name",
@@ -251,6 +261,7 @@ pub async fn record_heartbeat(
                 &input.allocatable.memory_bytes,
                 &input.allocatable.disk_bytes,
                 &input.pods,
+                &input.ingress_addr,
             ],
         )
         .await?

@@ -2,7 +2,7 @@
 //! into the plain values the store writes. Every rule returns a message that states it.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use instapod_common::node::{Capacity, Heartbeat, HeartbeatPod, JoinRequest, PodReport};
 use time::OffsetDateTime;
@@ -33,6 +33,8 @@ pub struct JoinInput {
     pub labels: BTreeMap<String, String>,
     pub agent_version: String,
     pub node_id: Option<Uuid>,
+    /// Where the node's ingress is reachable (`ip:port`, canonical), if it said.
+    pub ingress_addr: Option<String>,
 }
 
 /// Capacity as stored (bigint columns).
@@ -53,6 +55,8 @@ pub struct HeartbeatInput {
     pub agent_version: String,
     /// The pod list as stored in `nodes.pods`.
     pub pods: serde_json::Value,
+    /// As in [`JoinInput::ingress_addr`].
+    pub ingress_addr: Option<String>,
 }
 
 /// A validated report.
@@ -136,7 +140,22 @@ pub fn join(request: &JoinRequest) -> Result<JoinInput, String> {
         labels: labels(&request.labels)?,
         agent_version: agent_version(&request.agent_version)?,
         node_id: request.node_id,
+        ingress_addr: request.ingress_addr.as_deref().map(ingress_addr).transpose()?,
     })
+}
+
+/// An ingress address other nodes can connect to: `ip:port` with a specific address (not
+/// `0.0.0.0` or `::`) and a port other than 0; stored in canonical form.
+pub fn ingress_addr(raw: &str) -> Result<String, String> {
+    let addr: SocketAddr = raw
+        .parse()
+        .map_err(|_| format!("ingress_addr must be ip:port, such as 10.0.0.5:80 (got {raw:?})"))?;
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(format!(
+            "ingress_addr must name a reachable address and port, not {addr} (set the agent's ingress_advertise)"
+        ));
+    }
+    Ok(addr.to_string())
 }
 
 fn capacity(field: &str, capacity: &Capacity) -> Result<CapacityRow, String> {
@@ -206,6 +225,7 @@ pub fn heartbeat(heartbeat: &Heartbeat) -> Result<HeartbeatInput, String> {
         labels: labels(&heartbeat.labels)?,
         agent_version: agent_version(&heartbeat.agent_version)?,
         pods,
+        ingress_addr: heartbeat.ingress_addr.as_deref().map(ingress_addr).transpose()?,
     })
 }
 
@@ -319,6 +339,7 @@ mod tests {
                 state: NodePodState::Running,
                 ip: Some("10.88.0.2".to_string()),
             }],
+            ingress_addr: Some("10.0.0.5:80".to_string()),
         }
     }
 
@@ -344,6 +365,18 @@ mod tests {
         let mut no_version = sample_heartbeat();
         no_version.agent_version = String::new();
         check(heartbeat(&no_version), Some("agent_version"));
+        assert_eq!(input.ingress_addr.as_deref(), Some("10.0.0.5:80"));
+    }
+
+    #[test]
+    fn ingress_addresses() {
+        assert_eq!(ingress_addr("127.0.0.1:8088"), Ok("127.0.0.1:8088".to_string()));
+        assert_eq!(ingress_addr("[::1]:80"), Ok("[::1]:80".to_string()));
+        check(ingress_addr("0.0.0.0:80"), Some("reachable"));
+        check(ingress_addr("[::]:80"), Some("reachable"));
+        check(ingress_addr("10.0.0.5:0"), Some("reachable"));
+        check(ingress_addr("node-1:80"), Some("ip:port"));
+        check(ingress_addr("10.0.0.5"), Some("ip:port"));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The node's HTTP ingress: a reverse proxy on `ingress_listen` (`0.0.0.0:80` in production)
 //! that sends each request to the pod whose host names include the request's `Host`.
 //!
-//! Code map: [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam and
-//! [`LocalRoutes`], built from the pod manager's records) · [`proxy`] (connections, forwarding,
-//! headers, upgrades, metrics) · [`pages`] (the 404/502/503 pages).
+//! Code map: [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
+//! [`LocalRoutes`] built from the pod manager's records, [`RemoteRoutes`] from the control
+//! plane and [`FleetRoutes`] merging both) · [`feed`] (the worker that keeps [`RemoteRoutes`]
+//! current) · [`proxy`] (connections, forwarding, headers, upgrades, metrics) · [`pages`] (the
+//! 404/502/503 pages).
 //!
 //! *Behaviour.* A host is normalised (lowercase, port and trailing dot dropped) and looked up:
 //! a running pod on this node with an address and an `http_port` gets the request at
@@ -13,24 +15,31 @@
 //! pod of this node that is not running answers 503 with its state (and `Retry-After` when it
 //! is starting or restarting), an unknown host 404, a pod that refuses the connection 502.
 //!
+//! *Pods on other nodes.* The control plane publishes where every pod runs ([`feed`]); a host
+//! whose pod runs on another node is forwarded to that node's advertised ingress address
+//! ([`Target::RemoteNode`]) with [`proxy::HOP_HEADER`] set to the fleet's hop token. The second
+//! node routes it again among its own pods only: a request carrying the header is never
+//! forwarded to a node again (502 "the nodes do not agree" instead), so stale routes cannot
+//! loop. When the header carries the right token, the second node keeps the `X-Forwarded-*`
+//! headers the first one set (the pod sees the client, not the first node). A pod waiting for
+//! a node, or on an unhealthy node, answers 503 on every other node.
+//!
 //! *Metrics.* `instapod_node_agent_ingress_requests_total{outcome}` and
 //! `instapod_node_agent_ingress_request_duration_seconds{outcome}` (to the response head), with
-//! `outcome` one of `proxied`, `not_found`, `unavailable`, `bad_gateway`, `upgraded`.
+//! `outcome` one of `proxied`, `forwarded`, `not_found`, `unavailable`, `bad_gateway`,
+//! `misrouted`, `upgraded`; the feed's metrics are in [`feed`].
 //!
 //! *Design for what comes next.*
-//! - Pods on other nodes: [`Target::RemoteNode`] forwards to that node's ingress (marked with
-//!   [`proxy::HOP_HEADER`], so a forwarded request is never forwarded again). The proxy path
-//!   exists and is tested; what is missing is a [`RouteSource`] that knows other nodes' routes
-//!   — a feed from the control plane merged with [`LocalRoutes`] (local routes winning).
 //! - TLS and custom domains: a TLS acceptor (rustls, certificate chosen by SNI) wraps accepted
 //!   TCP streams and hands them to [`Ingress::serve_connection`] with [`Scheme::Https`]; the
 //!   routing is the same. HTTP-01 challenges and the HTTP→HTTPS redirect for hosts with a
 //!   certificate will be answered in `proxy::Ingress::route` before the lookup.
 //!
-//! *Not done yet.* No route feed for other nodes (nothing fills `RemoteNode` outside tests);
-//! no TLS; the hop marker is not authenticated (a client can set it, which only stops its own
-//! request from being forwarded between nodes); HTTP/1.1 only.
+//! *Not done yet.* No TLS (traffic between nodes is plain HTTP, hop token included, like the
+//! requests themselves); HTTP/1.1 only. A client may send the hop header with any other value:
+//! that only stops its own request from being forwarded between nodes.
 
+pub mod feed;
 pub mod pages;
 pub mod proxy;
 pub mod routes;
@@ -40,7 +49,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use proxy::{Ingress, Outcome, Scheme};
-pub use routes::{LocalRoutes, RouteSource, RoutingTable, Target, Unavailable, normalize_host};
+pub use routes::{
+    FleetRoutes, LocalRoutes, RemoteRoutes, RemoteTable, RouteSource, RoutingTable, Target, Unavailable, normalize_host,
+};
 
 use crate::pods::Pods;
 
@@ -52,10 +63,16 @@ pub fn local(pods: Pods) -> Arc<Ingress> {
     Arc::new(Ingress::new(Arc::new(LocalRoutes::new(pods))))
 }
 
+/// The ingress of the whole fleet's pods: this node's merged with `remote` (the other nodes'
+/// pods, kept current by [`feed::run`]).
+pub fn fleet_wide(pods: Pods, remote: Arc<RemoteRoutes>) -> Arc<Ingress> {
+    let local = Arc::new(LocalRoutes::new(pods));
+    Arc::new(Ingress::new(Arc::new(FleetRoutes::new(local, remote))))
+}
+
 /// The `ingress` worker: binds `listen` (retrying with backoff while the address is taken or
 /// refused, so the rest of the agent runs meanwhile) and serves until the process ends.
-pub async fn run(listen: SocketAddr, pods: Pods) {
-    let ingress = local(pods);
+pub async fn run(listen: SocketAddr, ingress: Arc<Ingress>) {
     let mut backoff = Duration::from_secs(1);
     loop {
         match tokio::net::TcpListener::bind(listen).await {

@@ -46,7 +46,7 @@ pub fn unsupported_request() -> Page {
     )
 }
 
-/// 503: the host's pod is on this node but cannot take requests.
+/// 503: the host's pod cannot take requests (on this node, or its node is out of reach).
 pub fn unavailable(host: &str, why: Unavailable) -> Page {
     let host = escape(host);
     match why {
@@ -76,7 +76,32 @@ pub fn unavailable(host: &str, why: Unavailable) -> Page {
             "This pod does not serve HTTP",
             &format!("The pod behind <b>{host}</b> has no HTTP port."),
         ),
+        Unavailable::NotPlaced => page(
+            503,
+            Some(RETRY_AFTER_SECS),
+            "This pod is waiting for a node",
+            &format!("The pod behind <b>{host}</b> is not running on any node yet."),
+        ),
+        Unavailable::NodeUnreachable => page(
+            503,
+            Some(RETRY_AFTER_SECS),
+            "This pod's node is unreachable",
+            &format!("The node running the pod behind <b>{host}</b> is not answering the fleet right now."),
+        ),
     }
+}
+
+/// 502: the node running the host's pod did not answer a forwarded request.
+pub fn node_did_not_answer(host: &str) -> Page {
+    page(
+        502,
+        Some(RETRY_AFTER_SECS),
+        "The pod's node did not answer",
+        &format!(
+            "The pod behind <b>{}</b> runs on another node, which refused or dropped the connection.",
+            escape(host)
+        ),
+    )
 }
 
 /// 502: the pod (or the node it runs on) did not answer.

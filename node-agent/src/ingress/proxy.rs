@@ -10,6 +10,8 @@
 //! directions; `X-Forwarded-For` gets the peer appended, `X-Forwarded-Proto` and
 //! `X-Forwarded-Host` are set by this ingress (a client's values are replaced, so an app can
 //! trust them). A client's `Forwarded` header is dropped: the ingress does not maintain it.
+//! The one exception is a request forwarded by another node's ingress with the fleet's hop
+//! token in [`HOP_HEADER`]: its `X-Forwarded-*` headers were set by that ingress and are kept.
 //!
 //! *Limitations.* HTTP/1.1 only (no h2 or h2c, which an upgrade to `h2c` would need). The
 //! duration metric ends when the response head is ready, not when a streamed body ends.
@@ -36,8 +38,9 @@ use super::routes::{RouteSource, Target, normalize_host};
 /// The body of an ingress response: the pod's, streamed, or one of the ingress's pages.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
-/// Marks a request forwarded by another node's ingress; such a request is never forwarded to a
-/// node again (no loops when two nodes disagree where a pod runs). Removed before a pod sees it.
+/// Marks a request forwarded by another node's ingress (its value is the fleet's hop token);
+/// a request carrying it, whatever the value, is never forwarded to a node again (no loops
+/// when two nodes disagree where a pod runs). Removed before a pod sees it.
 pub const HOP_HEADER: HeaderName = HeaderName::from_static("x-instapod-hop");
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -84,6 +87,11 @@ pub enum Outcome {
     BadGateway,
     /// The pod switched protocols; the connection became a tunnel.
     Upgraded,
+    /// Answered through the ingress of the node the pod runs on.
+    Forwarded,
+    /// Forwarded here by another node, but this node routes the host to a third node: the
+    /// nodes disagree where the pod runs (502, not forwarded again).
+    Misrouted,
 }
 
 impl Outcome {
@@ -94,6 +102,8 @@ impl Outcome {
             Outcome::Unavailable => "unavailable",
             Outcome::BadGateway => "bad_gateway",
             Outcome::Upgraded => "upgraded",
+            Outcome::Forwarded => "forwarded",
+            Outcome::Misrouted => "misrouted",
         }
     }
 }
@@ -112,8 +122,11 @@ struct Forwarding {
     scheme: Scheme,
     /// The host as the client sent it (port included), for `X-Forwarded-Host`.
     host: HeaderValue,
-    /// Forwarding to another node's ingress (sets [`HOP_HEADER`]).
-    to_node: bool,
+    /// Forwarding to another node's ingress: the [`HOP_HEADER`] value to send.
+    to_node: Option<HeaderValue>,
+    /// The request came from another node's ingress with the fleet's hop token: its
+    /// `X-Forwarded-*` headers are that ingress's and are kept.
+    from_node: bool,
 }
 
 impl Ingress {
@@ -194,11 +207,19 @@ impl Ingress {
             return (Outcome::NotFound, page_response(pages::unsupported_request()));
         }
         let target = self.routes.table().get(&host).cloned();
+        let hop_token = self.routes.hop_token();
+        let hop = request.headers().get(HOP_HEADER);
+        let is_hop = hop.is_some();
+        let from_node = match (hop, &hop_token) {
+            (Some(value), Some(token)) => constant_time_eq(value.as_bytes(), token.as_bytes()),
+            _ => false,
+        };
         let forwarding = |to_node| Forwarding {
             peer,
             scheme,
             host: raw_host.clone(),
             to_node,
+            from_node,
         };
         match target {
             None => (Outcome::NotFound, page_response(pages::not_found(&host))),
@@ -206,22 +227,30 @@ impl Ingress {
                 (Outcome::Unavailable, page_response(pages::unavailable(&host, why)))
             }
             Some(Target::Pod { pod_id, addr }) => {
-                let answer = self.forward(request, addr, &forwarding(false)).await;
+                let answer = self.forward(request, addr, &forwarding(None)).await;
                 if let Err(err) = &answer {
                     tracing::info!(pod = %pod_id, %host, upstream = %addr, error = %err, "the pod did not answer");
                 }
                 answer.unwrap_or_else(|_| (Outcome::BadGateway, page_response(pages::bad_gateway(&host))))
             }
             Some(Target::RemoteNode { addr }) => {
-                if request.headers().contains_key(HOP_HEADER) {
-                    tracing::warn!(%host, node = %addr, "a request forwarded by another node would be forwarded again");
-                    return (Outcome::BadGateway, page_response(pages::misrouted(&host)));
+                if is_hop {
+                    tracing::warn!(%host, node = %addr, %peer, "a request forwarded by another node would be forwarded again");
+                    return (Outcome::Misrouted, page_response(pages::misrouted(&host)));
                 }
-                let answer = self.forward(request, addr, &forwarding(true)).await;
-                if let Err(err) = &answer {
-                    tracing::warn!(%host, node = %addr, error = %err, "the pod's node did not answer");
+                let marker = hop_token
+                    .and_then(|token| HeaderValue::from_str(&token).ok())
+                    .unwrap_or_else(|| HeaderValue::from_static("1"));
+                let answer = self.forward(request, addr, &forwarding(Some(marker))).await;
+                match answer {
+                    // The node's answer, whatever it is (its pod's, or its own page).
+                    Ok((Outcome::Proxied, response)) => (Outcome::Forwarded, response),
+                    Ok(answer) => answer,
+                    Err(err) => {
+                        tracing::warn!(%host, node = %addr, error = %err, "the pod's node did not answer");
+                        (Outcome::BadGateway, page_response(pages::node_did_not_answer(&host)))
+                    }
                 }
-                answer.unwrap_or_else(|_| (Outcome::BadGateway, page_response(pages::bad_gateway(&host))))
             }
         }
     }
@@ -365,11 +394,36 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     }
 }
 
-/// The headers a forwarded request carries: hop-by-hop ones removed, `X-Forwarded-*` set.
+/// Equality of two byte strings whose running time depends only on their lengths (the hop
+/// token is a credential).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+/// The headers a forwarded request carries: hop-by-hop ones removed, `X-Forwarded-*` set (or
+/// kept, when another node's ingress set them).
 fn rewrite_request_headers(headers: &mut HeaderMap, upgrade: Option<HeaderValue>, forwarding: &Forwarding) {
     strip_hop_by_hop(headers, upgrade);
     headers.remove(HOP_HEADER);
     headers.remove(FORWARDED);
+    if let Some(marker) = &forwarding.to_node {
+        headers.insert(HOP_HEADER, marker.clone());
+    }
+    if forwarding.from_node && headers.contains_key(&X_FORWARDED_FOR) {
+        // Set by the node that forwarded the request; what it saw is the client, this peer is
+        // only that node.
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(forwarding.scheme.as_str()));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, forwarding.host.clone());
+        }
+        return;
+    }
     let peer = forwarding.peer.ip().to_canonical().to_string();
     let mut chain: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -386,9 +440,6 @@ fn rewrite_request_headers(headers: &mut HeaderMap, upgrade: Option<HeaderValue>
     headers.insert(X_FORWARDED_FOR, chain);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(forwarding.scheme.as_str()));
     headers.insert(X_FORWARDED_HOST, forwarding.host.clone());
-    if forwarding.to_node {
-        headers.insert(HOP_HEADER, HeaderValue::from_static("1"));
-    }
 }
 
 fn page_response(page: Page) -> Response<ResponseBody> {
@@ -411,13 +462,17 @@ mod tests {
     use super::*;
     use crate::ingress::routes::RoutingTable;
 
-    /// A fixed table, for tests.
+    /// A fixed table (and hop token), for tests.
     #[derive(Debug)]
-    struct StaticRoutes(Arc<RoutingTable>);
+    struct StaticRoutes(Arc<RoutingTable>, Option<Arc<str>>);
 
     impl RouteSource for StaticRoutes {
         fn table(&self) -> Arc<RoutingTable> {
             self.0.clone()
+        }
+
+        fn hop_token(&self) -> Option<Arc<str>> {
+            self.1.clone()
         }
     }
 
@@ -442,13 +497,18 @@ mod tests {
     }
 
     fn check_request(incoming: &[(&str, &str)], to_node: bool, expected: &[(&str, &str)]) {
+        check_forwarding(incoming, to_node, false, expected);
+    }
+
+    fn check_forwarding(incoming: &[(&str, &str)], to_node: bool, from_node: bool, expected: &[(&str, &str)]) {
         let mut map = headers(incoming);
         let upgrade = requested_upgrade(&map);
         let forwarding = Forwarding {
             peer: "[::ffff:192.0.2.7]:40000".parse().expect("peer"),
             scheme: Scheme::Http,
             host: HeaderValue::from_static("web.apps.test:8088"),
-            to_node,
+            to_node: to_node.then(|| HeaderValue::from_static("1")),
+            from_node,
         };
         rewrite_request_headers(&mut map, upgrade, &forwarding);
         assert_eq!(sorted(&map), sorted(&headers(expected)), "from {incoming:?}");
@@ -526,6 +586,18 @@ mod tests {
         );
         // To another node: the hop marker.
         check_request(&[("host", "h")], true, &with(&[("host", "h"), ("x-instapod-hop", "1")]));
+        // From another node (trusted hop): its X-Forwarded-* are kept, the marker is not.
+        let first_hop = [
+            ("host", "h"),
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "h:443"),
+        ];
+        let mut with_marker = first_hop.to_vec();
+        with_marker.push(("x-instapod-hop", "token"));
+        check_forwarding(&with_marker, false, true, &first_hop);
+        // A trusted hop without forwarding headers gets this ingress's.
+        check_forwarding(&[("host", "h")], false, true, &with(&[("host", "h")]));
     }
 
     /// An upstream that answers every request with its method, path and headers, one per line.
@@ -550,7 +622,12 @@ mod tests {
     }
 
     async fn start_ingress(table: RoutingTable) -> SocketAddr {
-        let ingress = Arc::new(Ingress::new(Arc::new(StaticRoutes(Arc::new(table)))));
+        start_ingress_with_token(table, None).await
+    }
+
+    async fn start_ingress_with_token(table: RoutingTable, hop_token: Option<&str>) -> SocketAddr {
+        let routes = StaticRoutes(Arc::new(table), hop_token.map(Arc::from));
+        let ingress = Arc::new(Ingress::new(Arc::new(routes)));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         tokio::spawn(ingress.serve(listener));
@@ -610,6 +687,13 @@ mod tests {
         assert_eq!(status, 502);
         assert!(body.contains("refused or dropped"), "{body}");
 
+        // A node that does not answer: a page that says so.
+        let mut table = RoutingTable::default();
+        table.insert("far.apps.test", Target::RemoteNode { addr: closed });
+        let (status, body) = get(start_ingress(table).await, "far.apps.test", &[]).await;
+        assert_eq!(status, 502);
+        assert!(body.contains("runs on another node"), "{body}");
+
         let (status, body) = get(ingress, "nobody.apps.test", &[]).await;
         assert_eq!(status, 404);
         assert!(body.contains("nobody.apps.test"), "{body}");
@@ -626,5 +710,151 @@ mod tests {
             stream.read_exact(&mut answer).await.expect("read");
             assert_eq!(&answer, b"HTTP/1.1 400", "{head:?}");
         }
+    }
+
+    /// Two ingresses in a row, as on two nodes: `first` routes the host to `second`, which
+    /// routes it to `upstream`. Both know the hop token `token`.
+    async fn two_hops(host: &str, upstream: SocketAddr, token: &str) -> SocketAddr {
+        let mut second = RoutingTable::default();
+        second.insert(
+            host,
+            Target::Pod {
+                pod_id: uuid::Uuid::new_v4(),
+                addr: upstream,
+            },
+        );
+        let second = start_ingress_with_token(second, Some(token)).await;
+        let mut first = RoutingTable::default();
+        first.insert(host, Target::RemoteNode { addr: second });
+        start_ingress_with_token(first, Some(token)).await
+    }
+
+    #[tokio::test]
+    async fn through_two_nodes_the_pod_sees_the_client_and_the_hop_token_stays_between_nodes() {
+        let pod = echo_upstream().await;
+        let first = two_hops("web.apps.test", pod, "fleet-hop-token").await;
+        let (status, body) = get(first, "web.apps.test:8088", &[("x-forwarded-for", "203.0.113.9")]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("GET /some/path?q=1\n"), "{body}");
+        for line in [
+            "host: web.apps.test:8088",
+            "x-forwarded-for: 203.0.113.9, 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: web.apps.test:8088",
+        ] {
+            assert!(body.lines().any(|l| l == line), "{line:?} missing in {body}");
+        }
+        assert!(!body.contains("x-instapod-hop"), "{body}");
+
+        // A client that sends the header itself, with a wrong token, is neither trusted nor
+        // forwarded again: straight to the second node, its own X-Forwarded-For is extended.
+        let pod_direct = {
+            let mut table = RoutingTable::default();
+            table.insert(
+                "web.apps.test",
+                Target::Pod {
+                    pod_id: uuid::Uuid::new_v4(),
+                    addr: pod,
+                },
+            );
+            start_ingress_with_token(table, Some("fleet-hop-token")).await
+        };
+        let (status, body) = get(
+            pod_direct,
+            "web.apps.test",
+            &[("x-instapod-hop", "guess"), ("x-forwarded-for", "198.51.100.1")],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.lines().any(|l| l == "x-forwarded-for: 198.51.100.1, 127.0.0.1"),
+            "{body}"
+        );
+    }
+
+    /// An upstream that answers one upgrade per connection with 101 and then echoes bytes.
+    async fn upgrade_upstream() -> SocketAddr {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut reader = BufReader::new(stream);
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push_str(&line);
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let asked = head.to_ascii_lowercase().contains("\r\nupgrade: websocket\r\n");
+                    let answer = if asked {
+                        "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                    } else {
+                        "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+                    };
+                    let mut stream = reader.into_inner();
+                    if stream.write_all(answer.as_bytes()).await.is_err() || !asked {
+                        return;
+                    }
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_becomes_a_tunnel_through_two_nodes() {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let pod = upgrade_upstream().await;
+        let first = two_hops("ws.apps.test", pod, "fleet-hop-token").await;
+        let stream = tokio::net::TcpStream::connect(first).await.expect("connect");
+        let mut reader = BufReader::new(stream);
+        reader
+            .get_mut()
+            .write_all(b"GET /chat HTTP/1.1\r\nHost: ws.apps.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+                .await
+                .expect("a head within 5 s")
+                .expect("read");
+            assert!(!line.is_empty(), "closed after {head:?}");
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("\r\nupgrade: websocket\r\n"),
+            "{head}"
+        );
+        for message in ["hello\n", "through two nodes\n"] {
+            reader.get_mut().write_all(message.as_bytes()).await.expect("write");
+            let mut echoed = vec![0u8; message.len()];
+            tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut echoed))
+                .await
+                .expect("an echo within 5 s")
+                .expect("read");
+            assert_eq!(echoed, message.as_bytes());
+        }
+        reader.get_mut().shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest))
+            .await
+            .expect("the tunnel closes")
+            .expect("read to the end");
+        assert!(rest.is_empty(), "{rest:?}");
     }
 }

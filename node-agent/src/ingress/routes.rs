@@ -4,13 +4,21 @@
 //! [`Target`]; a [`RouteSource`] hands out the current one as an `Arc`, so a request costs an
 //! atomic load, a read lock and a hash lookup — no disk, no containerd. [`LocalRoutes`] derives
 //! the table from the pod manager's records and rebuilds it only when
-//! [`Pods::records_version`] moved. Routes to pods on other nodes will come from a second
-//! source (a feed from the control plane) merged with this one; [`Target::RemoteNode`] is the
-//! shape they take.
+//! [`Pods::records_version`] moved. Routes to pods on other nodes come from the control plane
+//! ([`RemoteRoutes`], filled by `ingress::feed`); [`FleetRoutes`] merges the two with
+//! [`merge`] and rebuilds the merged table only when either side changed.
+//!
+//! *Merge rule.* A host this node has a record for stays local when that pod can take
+//! requests, or when the control plane has no better answer; a local record that cannot serve
+//! (stopped, starting, …) yields to a remote route to another node's ingress, because the
+//! control plane knows where a pod that moved away runs now (it never lists this node's own
+//! pods, so a pod placed here is always local).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
+
+use instapod_common::node::{IngressRoutes, IngressTarget};
 
 use instapod_common::node::NodePodState;
 use uuid::Uuid;
@@ -36,6 +44,10 @@ pub enum Unavailable {
     NotRunning { state: NodePodState, coming_back: bool },
     /// Running, but without an address yet (should not last) or without an HTTP port.
     NoHttpEndpoint,
+    /// (Another node's pod.) Waiting for the scheduler to place it.
+    NotPlaced,
+    /// (Another node's pod.) Its node is unhealthy or did not say where its ingress is.
+    NodeUnreachable,
 }
 
 impl Target {
@@ -46,7 +58,10 @@ impl Target {
             Target::Pod { .. } => 3,
             Target::RemoteNode { .. } => 2,
             Target::Unavailable {
-                why: Unavailable::NotRunning { coming_back: true, .. },
+                why:
+                    Unavailable::NotRunning { coming_back: true, .. }
+                    | Unavailable::NotPlaced
+                    | Unavailable::NodeUnreachable,
                 ..
             } => 1,
             Target::Unavailable { .. } => 0,
@@ -79,6 +94,11 @@ impl RoutingTable {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// Every route, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Target)> {
+        self.routes.iter().map(|(host, target)| (host.as_str(), target))
     }
 
     /// Adds a route; when the host has one already, the better target wins (ties: the smaller
@@ -115,6 +135,23 @@ impl RoutingTable {
         }
         table
     }
+}
+
+/// The routes of this node's pods merged with the routes of the other nodes' pods (see the
+/// module's merge rule).
+pub fn merge(local: &RoutingTable, remote: &RoutingTable) -> RoutingTable {
+    let mut merged = local.clone();
+    for (host, target) in remote.iter() {
+        let replace = match merged.routes.get(host) {
+            None => true,
+            Some(Target::Unavailable { .. }) => matches!(target, Target::RemoteNode { .. }),
+            Some(_) => false,
+        };
+        if replace {
+            merged.routes.insert(host.to_string(), target.clone());
+        }
+    }
+    merged
 }
 
 /// Where a pod's requests go, from its record; `None` for a deleted pod.
@@ -174,6 +211,12 @@ pub fn normalize_host(raw: &str) -> Option<String> {
 pub trait RouteSource: Send + Sync + std::fmt::Debug + 'static {
     /// The current table.
     fn table(&self) -> Arc<RoutingTable>;
+
+    /// The fleet's hop token (the value of [`super::proxy::HOP_HEADER`] between nodes), once
+    /// the control plane told it.
+    fn hop_token(&self) -> Option<Arc<str>> {
+        None
+    }
 }
 
 /// The routes of the pods on this node, derived from the pod manager's records.
@@ -231,6 +274,132 @@ impl RouteSource for LocalRoutes {
             table: table.clone(),
         };
         table
+    }
+}
+
+/// The routes of the other nodes' pods as the control plane last gave them (the last good
+/// answer is kept while the control plane is away).
+#[derive(Debug, Default)]
+pub struct RemoteRoutes {
+    current: RwLock<Arc<RemoteTable>>,
+}
+
+/// One answer of the control plane, as a routing table.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RemoteTable {
+    /// The answer's version (`None` before the first answer).
+    pub version: Option<String>,
+    pub hop_token: Option<Arc<str>>,
+    pub table: Arc<RoutingTable>,
+}
+
+impl RemoteTable {
+    /// The table of an answer for node `own_node` (a route to that node itself, which the
+    /// control plane never sends, is dropped rather than followed).
+    pub fn from_answer(answer: &IngressRoutes, own_node: Option<Uuid>) -> RemoteTable {
+        let mut table = RoutingTable::default();
+        for route in &answer.routes {
+            let target = match &route.target {
+                IngressTarget::Node { node_id, .. } if Some(*node_id) == own_node => continue,
+                IngressTarget::Node { node_id, addr } => match addr.parse::<SocketAddr>() {
+                    Ok(addr) => Target::RemoteNode { addr },
+                    Err(_) => {
+                        tracing::warn!(%node_id, addr, "a node's ingress address cannot be used");
+                        Target::Unavailable {
+                            pod_id: route.pod_id,
+                            why: Unavailable::NodeUnreachable,
+                        }
+                    }
+                },
+                IngressTarget::Unplaced => Target::Unavailable {
+                    pod_id: route.pod_id,
+                    why: Unavailable::NotPlaced,
+                },
+                IngressTarget::NodeUnreachable { .. } => Target::Unavailable {
+                    pod_id: route.pod_id,
+                    why: Unavailable::NodeUnreachable,
+                },
+            };
+            for host in &route.hostnames {
+                table.insert(host, target.clone());
+            }
+        }
+        RemoteTable {
+            version: Some(answer.version.clone()),
+            hop_token: Some(Arc::from(answer.hop_token.as_str())),
+            table: Arc::new(table),
+        }
+    }
+}
+
+impl RemoteRoutes {
+    pub fn current(&self) -> Arc<RemoteTable> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, table: RemoteTable) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+}
+
+/// Every route this node's ingress knows: its own pods' ([`LocalRoutes`]) merged with the
+/// other nodes' ([`RemoteRoutes`]).
+#[derive(Debug)]
+pub struct FleetRoutes {
+    local: Arc<dyn RouteSource>,
+    remote: Arc<RemoteRoutes>,
+    merged: RwLock<Option<Merged>>,
+}
+
+/// A merged table and the two tables it was made of.
+#[derive(Debug)]
+struct Merged {
+    local: Arc<RoutingTable>,
+    remote: Arc<RemoteTable>,
+    table: Arc<RoutingTable>,
+}
+
+impl FleetRoutes {
+    pub fn new(local: Arc<dyn RouteSource>, remote: Arc<RemoteRoutes>) -> FleetRoutes {
+        FleetRoutes {
+            local,
+            remote,
+            merged: RwLock::new(None),
+        }
+    }
+}
+
+impl RouteSource for FleetRoutes {
+    fn table(&self) -> Arc<RoutingTable> {
+        let local = self.local.table();
+        let remote = self.remote.current();
+        if remote.table.is_empty() {
+            return local;
+        }
+        if let Some(merged) = self.merged.read().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && Arc::ptr_eq(&merged.local, &local)
+            && Arc::ptr_eq(&merged.remote, &remote)
+        {
+            return merged.table.clone();
+        }
+        // Two requests may both rebuild after a change; the result is the same either way.
+        let table = Arc::new(merge(&local, &remote.table));
+        tracing::debug!(
+            routes = table.len(),
+            local = local.len(),
+            remote = remote.table.len(),
+            "ingress routing table merged"
+        );
+        *self.merged.write().unwrap_or_else(|p| p.into_inner()) = Some(Merged {
+            local,
+            remote,
+            table: table.clone(),
+        });
+        table
+    }
+
+    fn hop_token(&self) -> Option<Arc<str>> {
+        self.remote.current().hop_token.clone()
     }
 }
 
@@ -384,5 +553,163 @@ mod tests {
                 matches!(table.get("web.apps.test"), Some(Target::Pod { pod_id, .. }) if *pod_id == new.spec.pod_id)
             );
         }
+    }
+
+    fn remote(addr: &str) -> Target {
+        Target::RemoteNode {
+            addr: addr.parse().expect("address"),
+        }
+    }
+
+    #[test]
+    fn local_pods_that_answer_win_and_remote_nodes_beat_local_records_that_cannot() {
+        let running = record(
+            &["web.apps.test"],
+            NodePodState::Running,
+            Desired::Running,
+            Some("10.88.0.5"),
+        );
+        // A pod that moved away: its old record here is stopped.
+        let moved = record(
+            &["moved.apps.test"],
+            NodePodState::Stopped,
+            Desired::Stopped,
+            Some("10.88.0.6"),
+        );
+        let starting = record(&["starting.apps.test"], NodePodState::Starting, Desired::Running, None);
+        let local = RoutingTable::from_records([&running, &moved, &starting]);
+
+        let mut other = RoutingTable::default();
+        for host in ["web.apps.test", "moved.apps.test", "elsewhere.apps.test"] {
+            other.insert(host, remote("10.0.0.2:80"));
+        }
+        let waiting = Target::Unavailable {
+            pod_id: Uuid::from_u128(7),
+            why: Unavailable::NotPlaced,
+        };
+        other.insert("starting.apps.test", waiting.clone());
+        other.insert("pending.apps.test", waiting.clone());
+
+        let merged = merge(&local, &other);
+        let check = |host: &str, expected: Option<&Target>| assert_eq!(merged.get(host), expected, "{host}");
+        check("web.apps.test", local.get("web.apps.test"));
+        check("moved.apps.test", Some(&remote("10.0.0.2:80")));
+        check("starting.apps.test", local.get("starting.apps.test"));
+        check("elsewhere.apps.test", Some(&remote("10.0.0.2:80")));
+        check("pending.apps.test", Some(&waiting));
+        check("nobody.apps.test", None);
+        assert_eq!(merged.len(), 5);
+        assert_eq!(merge(&local, &RoutingTable::default()), local);
+    }
+
+    #[test]
+    fn answers_become_tables_without_routes_to_this_node() {
+        let own = Uuid::from_u128(1);
+        let answer = IngressRoutes {
+            version: "v9".into(),
+            hop_token: "hop".into(),
+            routes: vec![
+                instapod_common::node::IngressRoute {
+                    pod_id: Uuid::from_u128(10),
+                    hostnames: vec!["a.apps.test".into(), "WWW.Shop.Test".into()],
+                    target: IngressTarget::Node {
+                        node_id: Uuid::from_u128(2),
+                        addr: "10.0.0.2:8080".into(),
+                    },
+                },
+                instapod_common::node::IngressRoute {
+                    pod_id: Uuid::from_u128(11),
+                    hostnames: vec!["mine.apps.test".into()],
+                    target: IngressTarget::Node {
+                        node_id: own,
+                        addr: "10.0.0.1:8080".into(),
+                    },
+                },
+                instapod_common::node::IngressRoute {
+                    pod_id: Uuid::from_u128(12),
+                    hostnames: vec!["down.apps.test".into()],
+                    target: IngressTarget::NodeUnreachable {
+                        node_id: Uuid::from_u128(3),
+                    },
+                },
+                instapod_common::node::IngressRoute {
+                    pod_id: Uuid::from_u128(13),
+                    hostnames: vec!["bad.apps.test".into()],
+                    target: IngressTarget::Node {
+                        node_id: Uuid::from_u128(4),
+                        addr: "node-4:80".into(),
+                    },
+                },
+            ],
+        };
+        let table = RemoteTable::from_answer(&answer, Some(own));
+        assert_eq!(table.version.as_deref(), Some("v9"));
+        assert_eq!(table.table.get("a.apps.test"), Some(&remote("10.0.0.2:8080")));
+        assert_eq!(table.table.get("www.shop.test"), Some(&remote("10.0.0.2:8080")));
+        assert_eq!(table.table.get("mine.apps.test"), None);
+        for (host, pod) in [("down.apps.test", 12), ("bad.apps.test", 13)] {
+            assert_eq!(
+                table.table.get(host),
+                Some(&Target::Unavailable {
+                    pod_id: Uuid::from_u128(pod),
+                    why: Unavailable::NodeUnreachable
+                }),
+                "{host}"
+            );
+        }
+    }
+
+    /// A fixed local table, for tests.
+    #[derive(Debug)]
+    struct FixedRoutes(Arc<RoutingTable>);
+
+    impl RouteSource for FixedRoutes {
+        fn table(&self) -> Arc<RoutingTable> {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn fleet_routes_merge_again_only_when_a_side_changed() {
+        let mut local = RoutingTable::default();
+        local.insert(
+            "here.apps.test",
+            Target::Pod {
+                pod_id: Uuid::from_u128(1),
+                addr: "10.88.0.5:8080".parse().expect("address"),
+            },
+        );
+        let local = Arc::new(local);
+        let feed = Arc::new(RemoteRoutes::default());
+        let routes = FleetRoutes::new(Arc::new(FixedRoutes(local.clone())), feed.clone());
+        assert!(
+            Arc::ptr_eq(&routes.table(), &local),
+            "nothing remote: the local table as it is"
+        );
+        assert_eq!(routes.hop_token(), None);
+
+        let mut other = RoutingTable::default();
+        other.insert("far.apps.test", remote("10.0.0.9:80"));
+        feed.replace(RemoteTable {
+            version: Some("v1".into()),
+            hop_token: Some(Arc::from("hop")),
+            table: Arc::new(other),
+        });
+        let first = routes.table();
+        assert_eq!(first.len(), 2);
+        assert!(
+            Arc::ptr_eq(&first, &routes.table()),
+            "unchanged sides: the same merged table"
+        );
+        assert_eq!(routes.hop_token().as_deref(), Some("hop"));
+
+        let mut moved = RoutingTable::default();
+        moved.insert("far.apps.test", remote("10.0.0.10:80"));
+        feed.replace(RemoteTable {
+            version: Some("v2".into()),
+            hop_token: Some(Arc::from("hop")),
+            table: Arc::new(moved),
+        });
+        assert_eq!(routes.table().get("far.apps.test"), Some(&remote("10.0.0.10:80")));
     }
 }
