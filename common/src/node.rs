@@ -108,6 +108,33 @@ pub struct PodSpec {
     /// e.g. `web-acme.apps.example.com`; the control plane decides them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
+    /// Fill the pod's new volume from another pod's volume before the first start (a clone or
+    /// a move): pulled from that node's peer endpoint and verified. Ignored once the volume
+    /// was filled, and never part of what decides whether a container must be replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_source: Option<VolumeSource>,
+}
+
+/// Where a pod's volume comes from: the peer endpoint of the node holding it, whose volume
+/// (by pod id) to copy, and the one-time token that node was told to accept.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSource {
+    /// `host:port` of the source node's peer endpoint (its advertised `peer_addr`).
+    pub addr: String,
+    /// The pod whose volume is copied (for a move, the pod itself).
+    pub pod_id: Uuid,
+    /// The transfer token (`ipx_…`); the source node accepts it once, until it expires.
+    pub token: String,
+}
+
+impl std::fmt::Debug for VolumeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeSource")
+            .field("addr", &self.addr)
+            .field("pod_id", &self.pod_id)
+            .field("token", &"***")
+            .finish()
+    }
 }
 
 fn default_volume_mount() -> String {
@@ -142,6 +169,18 @@ pub enum NodeJob {
         #[serde(default)]
         retain_volume: bool,
     },
+    /// Let another node pull this pod's volume once with `token`, within `expires_in_secs`.
+    /// With `stop_first` (a move) the pod is stopped first and stays stopped (its volume is
+    /// then consistent); without it (a clone) the pod is not touched and the job's generation
+    /// does not matter.
+    ExportVolume {
+        pod_id: Uuid,
+        generation: i64,
+        token: String,
+        expires_in_secs: u64,
+        #[serde(default)]
+        stop_first: bool,
+    },
 }
 
 fn default_grace_secs() -> u32 {
@@ -152,7 +191,10 @@ impl NodeJob {
     pub fn pod_id(&self) -> Uuid {
         match self {
             NodeJob::EnsureRunning { spec } | NodeJob::Restart { spec } => spec.pod_id,
-            NodeJob::Stop { pod_id, .. } | NodeJob::Resize { pod_id, .. } | NodeJob::Delete { pod_id, .. } => *pod_id,
+            NodeJob::Stop { pod_id, .. }
+            | NodeJob::Resize { pod_id, .. }
+            | NodeJob::Delete { pod_id, .. }
+            | NodeJob::ExportVolume { pod_id, .. } => *pod_id,
         }
     }
 
@@ -161,7 +203,8 @@ impl NodeJob {
             NodeJob::EnsureRunning { spec } | NodeJob::Restart { spec } => spec.generation,
             NodeJob::Stop { generation, .. }
             | NodeJob::Resize { generation, .. }
-            | NodeJob::Delete { generation, .. } => *generation,
+            | NodeJob::Delete { generation, .. }
+            | NodeJob::ExportVolume { generation, .. } => *generation,
         }
     }
 
@@ -173,6 +216,7 @@ impl NodeJob {
             NodeJob::Restart { .. } => "restart",
             NodeJob::Resize { .. } => "resize",
             NodeJob::Delete { .. } => "delete",
+            NodeJob::ExportVolume { .. } => "export_volume",
         }
     }
 }
@@ -304,6 +348,9 @@ pub struct Heartbeat {
     /// As in [`JoinRequest::ingress_addr`]; every heartbeat repeats it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_addr: Option<String>,
+    /// `host:port` where other nodes reach this node's peer endpoint (volume transfers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
 }
 
 /// `GET /internal/nodes/{id}/routes` (node token): where the pods of the *other* nodes are, for
@@ -382,6 +429,12 @@ mod tests {
             heartbeat_interval_secs: 5,
         };
         assert!(!format!("{join:?}").contains("tok-secret"));
+        let source = VolumeSource {
+            addr: "10.0.0.1:9102".into(),
+            pod_id: Uuid::nil(),
+            token: "ipx_secret".into(),
+        };
+        assert!(!format!("{source:?}").contains("ipx_secret"));
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let remote_routes = Arc::new(crate::ingress::RemoteRoutes::default());
     let ingress = crate::ingress::fleet_wide(pods.clone(), remote_routes.clone());
     tokio::spawn(crate::ingress::run(config.ingress_listen, ingress));
+    tokio::spawn(crate::transfer::run(config.peer_listen, pods.clone()));
     let fleet = loop {
         match Fleet::join(&config, &dirs.node_file()).await {
             Ok(fleet) => break Arc::new(fleet),

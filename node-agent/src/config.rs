@@ -60,6 +60,13 @@ pub struct Config {
     /// on all addresses, the address this machine uses to reach the control plane, with
     /// `ingress_listen`'s port.
     pub ingress_advertise: Option<SocketAddr>,
+    /// Where the peer endpoint listens: other nodes pull pod volumes from it (clones and moves),
+    /// each pull authorised by a one-time token. Default `0.0.0.0:9102`.
+    pub peer_listen: SocketAddr,
+    /// `host:port` other nodes use to reach `peer_listen`, sent with every heartbeat. Default
+    /// (empty): `peer_listen` when it names an address, else the address this machine uses to
+    /// reach the control plane, with `peer_listen`'s port.
+    pub peer_advertise: String,
     /// Jobs handled at once. Default 4.
     pub job_concurrency: usize,
     /// Registries reached over plain HTTP besides loopback ones (`host:port`).
@@ -131,6 +138,8 @@ impl Default for Config {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
             ingress_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             ingress_advertise: None,
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], 9102)),
+            peer_advertise: String::new(),
             job_concurrency: 4,
             plain_http_registries: Vec::new(),
             dns_servers: Vec::new(),
@@ -226,7 +235,41 @@ impl Config {
                 "ingress_advertise {advertise} must name an address and port other nodes can connect to"
             ));
         }
+        if self.peer_listen == self.metrics_listen || self.peer_listen == self.ingress_listen {
+            problems.push(format!(
+                "peer_listen {} is also the metrics or ingress address",
+                self.peer_listen
+            ));
+        }
+        if !self.peer_advertise.is_empty() && !is_host_port(&self.peer_advertise) {
+            problems.push(format!("peer_advertise {:?} must be host:port", self.peer_advertise));
+        }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// Where other nodes reach the peer endpoint (see `peer_advertise`); `None` when it cannot
+    /// be told (volumes of this node's pods then cannot be cloned or moved).
+    pub fn peer_addr(&self) -> Option<String> {
+        if !self.peer_advertise.is_empty() {
+            return Some(self.peer_advertise.clone());
+        }
+        let port = self.peer_listen.port();
+        if !self.peer_listen.ip().is_unspecified() {
+            return Some(self.peer_listen.to_string());
+        }
+        // The source address of a route to the control plane (a UDP "connection" sends nothing).
+        let host = self
+            .control_plane_url
+            .split("://")
+            .nth(1)?
+            .split(['/', '?'])
+            .next()?
+            .to_string();
+        let target = if host.contains(':') { host } else { format!("{host}:80") };
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+        socket.connect(target).ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        Some(SocketAddr::new(ip, port).to_string())
     }
 
     /// The node name: configured, else the hostname.
@@ -260,6 +303,12 @@ impl Config {
     }
 }
 
+/// `host:port` with a non-empty host and a numeric port.
+fn is_host_port(raw: &str) -> bool {
+    raw.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +339,17 @@ mod tests {
         assert_eq!(Config::default().ingress_advertise, None);
         assert_eq!(config.region, "eu");
         config.validate().expect("valid");
+        let peer = Config {
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 9333)),
+            ..Config::default()
+        };
+        assert_eq!(peer.peer_addr().as_deref(), Some("127.0.0.1:9333"));
+        let advertised = Config {
+            peer_advertise: "10.1.2.3:9102".into(),
+            ..Config::default()
+        };
+        assert_eq!(advertised.peer_addr().as_deref(), Some("10.1.2.3:9102"));
+        assert!(is_host_port("node-1:9102") && !is_host_port("node-1") && !is_host_port(":9102"));
     }
 
     #[test]

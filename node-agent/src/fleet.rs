@@ -341,6 +341,7 @@ fn set_private(path: &Path) -> std::io::Result<()> {
 pub async fn heartbeat_loop(fleet: Arc<Fleet>, config: Arc<Config>, pods: Pods, mut shutdown: watch::Receiver<bool>) {
     let total = crate::capacity::total(&config.state_dir);
     let allocatable = crate::capacity::allocatable(&total, &config.reserved);
+    let peer_addr = config.peer_addr();
     loop {
         let heartbeat = Heartbeat {
             total,
@@ -350,6 +351,7 @@ pub async fn heartbeat_loop(fleet: Arc<Fleet>, config: Arc<Config>, pods: Pods, 
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             pods: pods.summary(),
             ingress_addr: fleet.ingress_addr.map(|addr| addr.to_string()),
+            peer_addr: peer_addr.clone(),
         };
         if let Err(err) = fleet.heartbeat(&heartbeat).await {
             tracing::warn!(error = %err, "heartbeat failed");

@@ -23,6 +23,7 @@ pub mod network;
 pub mod pods;
 pub mod runtime;
 pub mod spec;
+pub mod transfer;
 
 /// An error's message followed by those of its sources, `: `-separated, skipping a source whose
 /// text its parent already quotes: transport errors say little at the top ("transport error")

@@ -71,6 +71,10 @@ pub struct PodRecord {
     pub retain_volume: bool,
     #[serde(default)]
     pub restarts: u32,
+    /// The volume was filled from the spec's `volume_source` (a clone or a move): later specs
+    /// that still name a source do not fill it again. Reset by a delete.
+    #[serde(default)]
+    pub volume_filled: bool,
 }
 
 /// What handling a job did.
@@ -130,11 +134,28 @@ struct Inner {
     /// are rebuilt only when something changed.
     records_version: AtomicU64,
     live: StdMutex<HashMap<Uuid, Live>>,
+    /// Transfer tokens the peer endpoint accepts (volumes other nodes may pull).
+    grants: crate::transfer::Grants,
+    /// Pulls volumes from other nodes' peer endpoints.
+    peer_http: reqwest::Client,
 }
 
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The client that pulls volumes from peers (plain HTTP between nodes; no overall timeout, as a
+/// volume may be large, but a stalled read ends it).
+fn peer_http_client() -> reqwest::Client {
+    // reqwest uses rustls without a bundled provider: the workspace uses aws-lc-rs only.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(60))
+        .no_proxy()
+        .build()
         .unwrap_or_default()
 }
 
@@ -148,6 +169,7 @@ fn spec_hash(spec: &PodSpec, image_chain: &str) -> String {
     let mut hasher = Sha256::new();
     let content = PodSpec {
         generation: 0,
+        volume_source: None,
         ..spec.clone()
     };
     hasher.update(serde_json::to_vec(&(content, image_chain)).unwrap_or_default());
@@ -214,6 +236,8 @@ impl Pods {
                 records: StdMutex::default(),
                 records_version: AtomicU64::new(0),
                 live: StdMutex::default(),
+                grants: crate::transfer::Grants::default(),
+                peer_http: peer_http_client(),
             }),
         }
     }
@@ -224,6 +248,15 @@ impl Pods {
 
     pub fn images(&self) -> &ImageStore {
         &self.inner.images
+    }
+
+    pub fn dirs(&self) -> &Dirs {
+        &self.inner.dirs
+    }
+
+    /// The transfer tokens this node's peer endpoint accepts.
+    pub fn grants(&self) -> &crate::transfer::Grants {
+        &self.inner.grants
     }
 
     fn lock_for(&self, id: Uuid) -> Arc<Mutex<()>> {
@@ -339,8 +372,11 @@ impl Pods {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         let existing = self.record(id);
+        // A clone's export does not touch the pod, so its generation does not matter.
+        let clone_export = matches!(job, NodeJob::ExportVolume { stop_first: false, .. });
         if let Some(existing) = &existing
             && job.generation() < existing.generation
+            && !clone_export
         {
             tracing::info!(pod = %id, job = job.operation(), generation = job.generation(), current = existing.generation, "stale job ignored");
             return Ok(Outcome::Stale);
@@ -364,10 +400,17 @@ impl Pods {
                         attachment: None,
                         retain_volume: false,
                         restarts: 0,
+                        volume_filled: false,
                     },
                 };
                 record.restarts = 0;
+                if record.volume_filled {
+                    record.spec.volume_source = None;
+                }
                 self.save(&record)?;
+                if record.spec.volume_source.is_some() && !self.fill_volume(&mut record).await? {
+                    return Ok(Outcome::Applied);
+                }
                 if matches!(job, NodeJob::Restart { .. }) {
                     self.stop_task(&mut record, 10).await?;
                 }
@@ -430,6 +473,7 @@ impl Pods {
                                 restart_policy: RestartPolicy::Never,
                                 http_port: None,
                                 hostnames: Vec::new(),
+                                volume_source: None,
                             },
                             desired: Desired::Deleted,
                             generation: *generation,
@@ -439,24 +483,101 @@ impl Pods {
                             attachment: None,
                             retain_volume: *retain_volume,
                             restarts: 0,
+                            volume_filled: false,
                         }
                     }
                 };
                 record.generation = *generation;
                 record.desired = Desired::Deleted;
                 record.retain_volume = *retain_volume;
+                record.volume_filled = false;
+                record.spec.volume_source = None;
                 self.save(&record)?;
                 self.remove_everything(&mut record, !*retain_volume).await?;
                 self.set_state(&mut record, NodePodState::Deleted, None, None);
                 self.save(&record)?;
             }
+            NodeJob::ExportVolume {
+                generation,
+                token,
+                expires_in_secs,
+                stop_first,
+                ..
+            } => {
+                let mut record = existing.ok_or(PodError::Unknown(id))?;
+                // Deleted here, or its own volume not received yet: nothing to hand out.
+                if record.desired == Desired::Deleted || (record.spec.volume_source.is_some() && !record.volume_filled)
+                {
+                    return Err(PodError::Unknown(id));
+                }
+                if *stop_first {
+                    // A move: the pod stops here for good (its copy starts elsewhere), so the
+                    // volume is consistent while it is sent.
+                    record.generation = *generation;
+                    record.desired = Desired::Stopped;
+                    self.save(&record)?;
+                    self.stop_task(&mut record, 10).await?;
+                    self.set_state(&mut record, NodePodState::Stopped, None, None);
+                    self.save(&record)?;
+                }
+                self.inner
+                    .grants
+                    .allow(id, token, Duration::from_secs(*expires_in_secs));
+                tracing::info!(pod = %id, stop_first, "volume export granted");
+            }
         }
         Ok(Outcome::Applied)
+    }
+
+    /// Fills a new pod's volume from its spec's `volume_source` (pulled from the source node's
+    /// peer endpoint, verified, renamed into place). Returns whether the pod may start; on
+    /// failure the pod is reported `failed` and nothing of the transfer is left.
+    async fn fill_volume(&self, record: &mut PodRecord) -> Result<bool, PodError> {
+        let Some(source) = record.spec.volume_source.clone() else {
+            return Ok(true);
+        };
+        let id = record.spec.pod_id;
+        if record.state != NodePodState::Starting {
+            self.set_state(record, NodePodState::Starting, None, None);
+            self.save(record)?;
+        }
+        let volume = self.inner.dirs.volume(id);
+        let staging = self.inner.dirs.volume(id).with_file_name(format!(".incoming-{id}"));
+        tracing::info!(pod = %id, source_pod = %source.pod_id, addr = %source.addr, "filling the volume from a peer");
+        let started = Instant::now();
+        match crate::transfer::import_volume(
+            &self.inner.peer_http,
+            &source,
+            &volume,
+            &staging,
+            record.spec.resources.disk_bytes,
+        )
+        .await
+        {
+            Ok(bytes) => {
+                tracing::info!(pod = %id, bytes, elapsed_ms = started.elapsed().as_millis() as u64, "volume filled and verified");
+                record.volume_filled = true;
+                record.spec.volume_source = None;
+                self.save(record)?;
+                Ok(true)
+            }
+            Err(err) => {
+                tracing::warn!(pod = %id, error = %err, "filling the volume failed");
+                record.desired = Desired::Stopped;
+                self.set_state(record, NodePodState::Failed, Some(err.to_string()), None);
+                self.save(record)?;
+                Ok(false)
+            }
+        }
     }
 
     /// Makes the pod's task run: image, volume, network, container, task.
     async fn ensure_running(&self, record: &mut PodRecord) -> Result<(), PodError> {
         let id = record.spec.pod_id;
+        // A volume still to be filled from a peer: only the job that carries the source starts it.
+        if record.spec.volume_source.is_some() && !record.volume_filled {
+            return Ok(());
+        }
         if matches!(
             self.inner.runtime.task_state(&id.to_string()).await,
             Ok(Some(TaskState::Running))

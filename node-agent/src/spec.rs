@@ -355,6 +355,7 @@ mod tests {
             restart_policy: RestartPolicy::Always,
             http_port: Some(8080),
             hostnames: Vec::new(),
+            volume_source: None,
         }
     }
 

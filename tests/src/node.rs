@@ -32,6 +32,8 @@ pub struct NodeSettings {
     pub metrics_port: u16,
     /// The agent binary's ingress port on loopback (never the default `0.0.0.0:80`).
     pub ingress_port: u16,
+    /// The agent's peer endpoint (volume transfers) on loopback.
+    pub peer_port: u16,
 }
 
 impl NodeSettings {
@@ -45,6 +47,7 @@ impl NodeSettings {
             subnet_prefix: format!("10.{}.{}", 200 + bytes[3] % 50, bytes[4]),
             metrics_port: process::free_port(),
             ingress_port: process::free_port(),
+            peer_port: process::free_port(),
         }
     }
 
@@ -62,6 +65,7 @@ impl NodeSettings {
             cgroup_parent: "/instapod-test".into(),
             metrics_listen: ([127, 0, 0, 1], self.metrics_port).into(),
             ingress_listen: ([127, 0, 0, 1], self.ingress_port).into(),
+            peer_listen: ([127, 0, 0, 1], self.peer_port).into(),
             dns_servers: vec![self.gateway()],
             ..Config::default()
         };
@@ -88,6 +92,10 @@ impl NodeSettings {
             (
                 "INSTAPOD_AGENT_INGRESS_LISTEN".into(),
                 format!("127.0.0.1:{}", self.ingress_port),
+            ),
+            (
+                "INSTAPOD_AGENT_PEER_LISTEN".into(),
+                format!("127.0.0.1:{}", self.peer_port),
             ),
             ("INSTAPOD_AGENT_DNS_SERVERS".into(), format!("[\"{}\"]", self.gateway())),
             ("INSTAPOD_AGENT_NETWORK__BRIDGE".into(), self.bridge.clone()),
@@ -252,6 +260,7 @@ pub fn pod_spec(image: &str, generation: i64) -> PodSpec {
         restart_policy: RestartPolicy::Never,
         http_port: Some(8080),
         hostnames: Vec::new(),
+        volume_source: None,
     }
 }
 

@@ -83,7 +83,14 @@ pub async fn heartbeat(req: &mut Request, depot: &mut Depot) -> Result<Json<Hear
     let node = authenticate_node(req, depot).await?;
     let body: Heartbeat = json::read_with_limit(req, MAX_NODE_JSON_BODY).await?;
     let input = validate::heartbeat(&body).map_err(ApiError::validation)?;
+    let peer_addr = body
+        .peer_addr
+        .as_deref()
+        .map(crate::pods::validate::peer_addr)
+        .transpose()
+        .map_err(ApiError::validation)?;
     store::record_heartbeat(&app(depot).db, &node, &input).await?;
+    store::record_peer_addr(&app(depot).db, &node, peer_addr.as_deref()).await?;
     Ok(Json(HeartbeatAnswer {
         node_id: node.id,
         status: NodeStatus::Healthy,

@@ -1,4 +1,5 @@
-//! The pod endpoints: create, list, get, delete, start, stop, restart, preset and events.
+//! The pod endpoints: create, list, get, delete, start, stop, restart, resize, clone, preset and
+//! events.
 //! Pods are addressed by name within the caller's active team; another team's pod is a 404.
 //! Actions answer 202 with the pod (the work happens in the scheduler and on the node) or 409
 //! with the current state when the state machine refuses.
@@ -19,7 +20,7 @@ use crate::http::auth::caller;
 use crate::http::json;
 use crate::http::state::{AppState, app};
 use crate::pods::state::Action;
-use crate::pods::store::{self, ActOutcome, CreateError, NewPod, PodRow};
+use crate::pods::store::{self, ActOutcome, CloneError, CreateError, NewPod, PodRow};
 use crate::pods::validate;
 use crate::ratelimit;
 
@@ -337,18 +338,94 @@ pub async fn create(req: &mut Request, depot: &mut Depot) -> Result<Accepted<Pod
         http_port,
         restart_policy,
     };
-    let pod = match store::create(&state.db, &new).await {
+    let pod = store::create(&state.db, &new).await.map_err(create_error)?;
+    state.pod_queue.push(pod.id, pod.generation).await;
+    Ok(Accepted(view(&state, pod)))
+}
+
+fn create_error(err: CreateError) -> ApiError {
+    match err {
+        CreateError::NameTaken(name) => {
+            ApiError::conflict("pod_name_taken", format!("a pod named {name:?} exists in this team"))
+        }
+        CreateError::Quota(message) => ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", message),
+        CreateError::Db(err) => err.into(),
+    }
+}
+
+/// What a clone is called and where it may run.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClonePodRequest {
+    /// The new pod's name: the same rules as for create.
+    pub name: String,
+    /// Default: the source pod's region.
+    pub region: Option<String>,
+}
+
+/// Clone a pod
+///
+/// A new pod with the source's configuration (image, runtime, preset, plan and resources, env,
+/// command, port, restart policy) and a copy of its volume, placed by the scheduler on any node
+/// with room. Answers 202 with the new pod in `pending`; the volume is streamed from the
+/// source's node and verified before the clone starts. Quota, naming and the creation rate
+/// limit are those of create.
+#[endpoint(tags("pods"), request_body = ClonePodRequest)]
+pub async fn clone(
+    name: PathParam<String>,
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Accepted<PodView>, ApiError> {
+    let state = app(depot).clone();
+    let me = caller(depot).clone();
+    crate::api::auth::limit(req, &state, ratelimit::CREATE_POD).await?;
+    let body: ClonePodRequest = json::read(req).await?;
+    let new_name = validate::name(&body.name).map_err(ApiError::validation)?;
+    let source = store::get(&state.db, me.team_id, &name)
+        .await?
+        .ok_or_else(|| not_found(&name))?;
+    let client = db::connect(&state.db).await?;
+    let region = match &body.region {
+        Some(region) => client
+            .query_opt("SELECT id FROM regions WHERE id = $1 AND available", &[region])
+            .await?
+            .map(|r| r.get::<_, String>(0))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "unknown_region",
+                    format!("no available region {region:?} (see GET /api/regions)"),
+                )
+            })?,
+        None => source.region.clone(),
+    };
+    let slug: String = client
+        .query_one("SELECT slug FROM teams WHERE id = $1", &[&me.team_id])
+        .await?
+        .get(0);
+    drop(client);
+    let new = NewPod {
+        team_id: me.team_id,
+        created_by: me.user_id,
+        hostnames: vec![format!("{new_name}-{slug}.{}", state.config.apps_domain)],
+        name: new_name,
+        image: source.image.clone(),
+        runtime_id: source.runtime_id.clone(),
+        preset_id: source.preset_id.clone(),
+        plan_id: source.plan_id.clone(),
+        region,
+        cpu_millis: source.cpu_millis,
+        memory_bytes: source.memory_bytes,
+        disk_bytes: source.disk_bytes,
+        env: source.env.clone(),
+        command: source.command.clone(),
+        http_port: source.http_port,
+        restart_policy: source.restart_policy.clone(),
+    };
+    let pod = match store::create_clone(&state.db, source.id, &new).await {
         Ok(pod) => pod,
-        Err(CreateError::NameTaken(name)) => {
-            return Err(ApiError::conflict(
-                "pod_name_taken",
-                format!("a pod named {name:?} exists in this team"),
-            ));
-        }
-        Err(CreateError::Quota(message)) => {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", message));
-        }
-        Err(CreateError::Db(err)) => return Err(err.into()),
+        Err(CloneError::NotFound(_)) => return Err(not_found(&name)),
+        Err(CloneError::State(message)) => return Err(ApiError::conflict("invalid_state", message)),
+        Err(CloneError::Create(err)) => return Err(create_error(err)),
     };
     state.pod_queue.push(pod.id, pod.generation).await;
     Ok(Accepted(view(&state, pod)))
@@ -482,8 +559,11 @@ pub struct ResizeRequest {
 
 /// Resize a pod
 ///
-/// Applied live on the pod's node when it has room (202); refused with 409 `no_room_on_node`
-/// when it has not (moving to another node is not supported yet), 403 `quota_exceeded` past the
+/// Applied live on the pod's node when it has room (202). Otherwise the pod moves, volume
+/// included, to another node of its region that has the room (202; it is stopped on the old
+/// node, its volume streamed and verified, started on the new node, and only then removed from
+/// the old one). Refused with 409 `no_room_on_node` when no node can take it (nothing changes),
+/// 409 `invalid_state` while its volume is still being copied, 403 `quota_exceeded` past the
 /// team's plan.
 #[endpoint(tags("pods"), request_body = ResizeRequest)]
 pub async fn resize(

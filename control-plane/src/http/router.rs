@@ -56,6 +56,7 @@ fn api_router() -> Router {
         .push(Router::with_path("pods/{name}/stop").post(api::pods::stop))
         .push(Router::with_path("pods/{name}/restart").post(api::pods::restart))
         .push(Router::with_path("pods/{name}/resize").post(api::pods::resize))
+        .push(Router::with_path("pods/{name}/clone").post(api::pods::clone))
         .push(Router::with_path("pods/{name}/preset").get(api::pods::preset))
         .push(Router::with_path("pods/{name}/events").get(api::pods::events));
     Router::with_path("api").push(public).push(authenticated)

@@ -317,3 +317,21 @@ pub async fn record_reports(
     }
     Ok(inserted)
 }
+
+/// Records where other nodes reach this node's peer endpoint (volume transfers for clones and
+/// moves), as its heartbeat says; a row that already holds it is not written.
+pub async fn record_peer_addr(
+    pool: &Pool,
+    node: &AuthenticatedNode,
+    peer_addr: Option<&str>,
+) -> Result<(), HeartbeatError> {
+    let client = db::connect(pool).await?;
+    client
+        .execute(
+            "UPDATE nodes SET peer_addr = $3
+             WHERE id = $1 AND token_hash = $2 AND peer_addr IS DISTINCT FROM $3",
+            &[&node.id, &node.token_hash, &peer_addr],
+        )
+        .await?;
+    Ok(())
+}

@@ -340,6 +340,7 @@ mod tests {
                 ip: Some("10.88.0.2".to_string()),
             }],
             ingress_addr: Some("10.0.0.5:80".to_string()),
+            peer_addr: None,
         }
     }
 

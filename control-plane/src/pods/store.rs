@@ -128,6 +128,91 @@ impl From<tokio_postgres::Error> for CreateError {
 pub async fn create(pool: &Pool, new: &NewPod) -> Result<PodRow, CreateError> {
     let mut client = db::connect(pool).await?;
     let tx = client.transaction().await?;
+    let id = insert(&tx, new).await?;
+    let row = tx.query_one(&format!("{SELECT} WHERE p.id = $1"), &[&id]).await?;
+    tx.commit().await?;
+    Ok(row_to_pod(&row))
+}
+
+/// Why a clone was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    #[error("no pod named {0:?} in your active team")]
+    NotFound(String),
+    #[error("{0}")]
+    State(String),
+    #[error(transparent)]
+    Create(#[from] CreateError),
+}
+
+impl From<tokio_postgres::Error> for CloneError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        CloneError::Create(err.into())
+    }
+}
+
+impl From<DbError> for CloneError {
+    fn from(err: DbError) -> Self {
+        CloneError::Create(err.into())
+    }
+}
+
+/// Creates `new` as a clone of the team's pod `source` (by id): like [`create`] (same quota
+/// and naming rules, in the same transaction under the team's lock), plus a `clone` transfer
+/// from the source's node when the source has one (a source never placed has no volume, and
+/// the clone starts empty). Events on both pods.
+pub async fn create_clone(pool: &Pool, source: Uuid, new: &NewPod) -> Result<PodRow, CloneError> {
+    let mut client = db::connect(pool).await?;
+    let tx = client.transaction().await?;
+    let id = insert(&tx, new).await?;
+    // After the team's lock (taken by `insert`), as resize takes them: team, then pod.
+    let Some(origin) = tx
+        .query_opt(
+            "SELECT p.name, p.node_id, p.desired_state, n.name FROM pods p LEFT JOIN nodes n ON n.id = p.node_id
+             WHERE p.id = $1 AND p.team_id = $2 FOR SHARE OF p",
+            &[&source, &new.team_id],
+        )
+        .await?
+    else {
+        return Err(CloneError::NotFound(source.to_string()));
+    };
+    let (source_name, source_node, desired, node_name): (String, Option<Uuid>, String, Option<String>) =
+        (origin.get(0), origin.get(1), origin.get(2), origin.get(3));
+    if desired == "deleted" {
+        return Err(CloneError::State(format!(
+            "cannot clone the pod {source_name:?}: it is being deleted"
+        )));
+    }
+    if tx
+        .query_opt("SELECT 1 FROM volume_transfers WHERE pod_id = $1", &[&source])
+        .await?
+        .is_some()
+    {
+        return Err(CloneError::State(format!(
+            "cannot clone the pod {source_name:?} yet: its own volume is still being copied (a clone or a move)"
+        )));
+    }
+    let message = match (source_node, node_name) {
+        (Some(node), Some(node_name)) => {
+            tx.execute(
+                "INSERT INTO volume_transfers (pod_id, kind, source_pod_id, source_node_id)
+                 VALUES ($1, 'clone', $2, $3)",
+                &[&id, &source, &node],
+            )
+            .await?;
+            format!("cloned from pod {source_name}: its volume is copied from node {node_name}")
+        }
+        _ => format!("cloned from pod {source_name} (never placed: the volume starts empty)"),
+    };
+    event(&tx, id, "created", Some("pending"), &message).await?;
+    event(&tx, source, "action", None, &format!("cloned as pod {}", new.name)).await?;
+    let row = tx.query_one(&format!("{SELECT} WHERE p.id = $1"), &[&id]).await?;
+    tx.commit().await?;
+    Ok(row_to_pod(&row))
+}
+
+/// The quota check, the insert and the `created` event, holding the team's row lock.
+async fn insert(tx: &deadpool_postgres::Transaction<'_>, new: &NewPod) -> Result<Uuid, CreateError> {
     let plan = tx
         .query_one(
             "SELECT pl.id, pl.max_pods, pl.cpu_millicores, pl.memory_mib, pl.disk_gib
@@ -223,16 +308,14 @@ pub async fn create(pool: &Pool, new: &NewPod) -> Result<PodRow, CreateError> {
         Err(err) => return Err(err.into()),
     };
     event(
-        &tx,
+        tx,
         id,
         "created",
         Some("pending"),
         &format!("created from image {}", new.image),
     )
     .await?;
-    let row = tx.query_one(&format!("{SELECT} WHERE p.id = $1"), &[&id]).await?;
-    tx.commit().await?;
-    Ok(row_to_pod(&row))
+    Ok(id)
 }
 
 /// Appends an event.
@@ -488,9 +571,13 @@ impl From<tokio_postgres::Error> for ResizeError {
     }
 }
 
-/// Resizes the team's pod `name` in place: within the team's plan, and — when it is placed —
-/// within its node's free capacity, checked under the node's row lock (the same lock the
+/// Resizes the team's pod `name`: within the team's plan, and — when it is placed — live on its
+/// node when that node has the room, checked under the node's row lock (the same lock the
 /// scheduler takes, so a resize and a placement cannot over-commit the node together).
+/// Otherwise the pod moves, volume included, to another healthy node of its region that has
+/// the room, reserved in this transaction under that node's row lock (see [`room_elsewhere`]);
+/// a `move` transfer records where its volume is. [`ResizeError::NoRoom`] when no node can
+/// take it.
 pub async fn resize(pool: &Pool, team_id: Uuid, name: &str, size: &NewSize) -> Result<PodRow, ResizeError> {
     let mut client = db::connect(pool).await?;
     let tx = client.transaction().await?;
@@ -539,7 +626,7 @@ pub async fn resize(pool: &Pool, team_id: Uuid, name: &str, size: &NewSize) -> R
         let capacity = tx
             .query_one(
                 "SELECT name, COALESCE(allocatable_cpu_millis, 0), COALESCE(allocatable_memory_bytes, 0),
-                        COALESCE(allocatable_disk_bytes, 0)
+                        COALESCE(allocatable_disk_bytes, 0), status = 'healthy', peer_addr IS NOT NULL
                  FROM nodes WHERE id = $1 FOR UPDATE",
                 &[&node],
             )
@@ -557,12 +644,38 @@ pub async fn resize(pool: &Pool, team_id: Uuid, name: &str, size: &NewSize) -> R
         let free_memory = capacity.get::<_, i64>(2) - used.get::<_, i64>(1);
         let free_disk = capacity.get::<_, i64>(3) - used.get::<_, i64>(2);
         if i64::from(size.cpu_millis) > free_cpu || size.memory_bytes > free_memory || size.disk_bytes > free_disk {
-            return Err(ResizeError::NoRoom(format!(
-                "node {node_name} has {free_cpu} millicores, {} MiB and {} GiB free for this pod; \
-                 moving a pod to another node is not supported yet",
+            let here = format!(
+                "its node {node_name} has {free_cpu} millicores, {} MiB and {} GiB free for it",
                 free_memory >> 20,
                 free_disk >> 30
-            )));
+            );
+            let asked = format!(
+                "no node can take the pod with {} millicores, {} MiB and {} GiB",
+                size.cpu_millis,
+                size.memory_bytes >> 20,
+                size.disk_bytes >> 30
+            );
+            if !capacity.get::<_, bool>(4) || !capacity.get::<_, bool>(5) {
+                return Err(ResizeError::NoRoom(format!(
+                    "{asked}: {here}, and the pod cannot move: node {node_name} is not healthy or \
+                     advertises no peer address for volume transfers"
+                )));
+            }
+            if tx
+                .query_opt("SELECT 1 FROM volume_transfers WHERE pod_id = $1", &[&pod.id])
+                .await?
+                .is_some()
+            {
+                return Err(ResizeError::State(format!(
+                    "the volume of pod {name:?} is still being copied (a clone or a move); resize it once it runs"
+                )));
+            }
+            match room_elsewhere(&tx, &pod, node, size).await? {
+                Elsewhere::Node(to, to_name) => {
+                    return moved(tx, &pod, size, (node, &node_name), (to, &to_name)).await;
+                }
+                Elsewhere::Nowhere(why) => return Err(ResizeError::NoRoom(format!("{asked}: {here}; {why}"))),
+            }
         }
     }
     let plan_id = size.plan_id.clone().unwrap_or(pod.plan_id.clone());
@@ -589,6 +702,147 @@ pub async fn resize(pool: &Pool, team_id: Uuid, name: &str, size: &NewSize) -> R
             size.cpu_millis,
             size.memory_bytes >> 20,
             size.disk_bytes >> 30
+        ),
+    )
+    .await?;
+    let row = tx.query_one(&format!("{SELECT} WHERE p.id = $1"), &[&pod.id]).await?;
+    tx.commit().await?;
+    Ok(row_to_pod(&row))
+}
+
+/// Where a pod that does not fit on its node could go.
+enum Elsewhere {
+    /// This node (id, name) is locked by the transaction and has the room.
+    Node(Uuid, String),
+    /// Nowhere: why, naming the nearest miss.
+    Nowhere(String),
+}
+
+/// Finds another healthy node of the pod's region, able to receive volumes, with room for
+/// `size`: candidates from one read of the fleet, tightest fit first (bin-packing, as the
+/// scheduler's default), each then locked (`FOR UPDATE`, the scheduler's lock) and re-summed
+/// by a statement that starts after the lock, so a concurrent placement or resize cannot make
+/// both fit where only one does.
+async fn room_elsewhere(
+    tx: &deadpool_postgres::Transaction<'_>,
+    pod: &PodRow,
+    current: Uuid,
+    size: &NewSize,
+) -> Result<Elsewhere, ResizeError> {
+    let rows = tx
+        .query(
+            "SELECT n.id, n.name,
+                    COALESCE(n.allocatable_cpu_millis, 0) - COALESCE(sum(p.cpu_millis), 0)::int8,
+                    COALESCE(n.allocatable_memory_bytes, 0) - COALESCE(sum(p.memory_bytes), 0)::int8,
+                    COALESCE(n.allocatable_disk_bytes, 0) - COALESCE(sum(p.disk_bytes), 0)::int8
+             FROM nodes n LEFT JOIN pods p ON p.node_id = n.id
+             WHERE n.status = 'healthy' AND n.region = $1 AND n.id <> $2 AND n.peer_addr IS NOT NULL
+             GROUP BY n.id ORDER BY n.id",
+            &[&pod.region, &current],
+        )
+        .await?;
+    let fits = |cpu: i64, memory: i64, disk: i64| {
+        i64::from(size.cpu_millis) <= cpu && size.memory_bytes <= memory && size.disk_bytes <= disk
+    };
+    let mut candidates: Vec<(Uuid, String, i64, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let nearest = candidates.iter().max_by_key(|c| (c.2, c.3)).map(|c| {
+        format!(
+            "the roomiest other node, {}, has {} millicores, {} MiB and {} GiB free",
+            c.1,
+            c.2,
+            c.3 >> 20,
+            c.4 >> 30
+        )
+    });
+    candidates.retain(|c| fits(c.2, c.3, c.4));
+    candidates.sort_by_key(|c| (c.2, c.3, c.4, c.0));
+    for (id, _, _, _, _) in candidates {
+        let Some(node) = tx
+            .query_opt(
+                "SELECT name, COALESCE(allocatable_cpu_millis, 0), COALESCE(allocatable_memory_bytes, 0),
+                        COALESCE(allocatable_disk_bytes, 0)
+                 FROM nodes WHERE id = $1 AND status = 'healthy' AND peer_addr IS NOT NULL FOR UPDATE",
+                &[&id],
+            )
+            .await?
+        else {
+            continue;
+        };
+        let used = tx
+            .query_one(
+                "SELECT COALESCE(sum(cpu_millis), 0)::int8, COALESCE(sum(memory_bytes), 0)::int8,
+                        COALESCE(sum(disk_bytes), 0)::int8
+                 FROM pods WHERE node_id = $1",
+                &[&id],
+            )
+            .await?;
+        if fits(
+            node.get::<_, i64>(1) - used.get::<_, i64>(0),
+            node.get::<_, i64>(2) - used.get::<_, i64>(1),
+            node.get::<_, i64>(3) - used.get::<_, i64>(2),
+        ) {
+            return Ok(Elsewhere::Node(id, node.get(0)));
+        }
+    }
+    Ok(Elsewhere::Nowhere(nearest.unwrap_or_else(|| {
+        format!("no other healthy node in region {} can receive its volume", pod.region)
+    })))
+}
+
+/// Commits a resize that moves the pod from `from` to `to` (whose row `tx` holds locked): the
+/// new size and node, a `move` transfer from the old node, a new generation; a pod that should
+/// run starts over (`starting`) on its new node. The scheduler then stops it on the old node,
+/// has the new node pull the volume, and removes the old copy once the pod runs.
+async fn moved(
+    tx: deadpool_postgres::Transaction<'_>,
+    pod: &PodRow,
+    size: &NewSize,
+    from: (Uuid, &str),
+    to: (Uuid, &str),
+) -> Result<PodRow, ResizeError> {
+    let plan_id = size.plan_id.clone().unwrap_or(pod.plan_id.clone());
+    tx.execute(
+        "UPDATE pods SET cpu_millis = $2, memory_bytes = $3, disk_bytes = $4, plan_id = $5, node_id = $6,
+                ip = NULL, reason = NULL, state = CASE WHEN desired_state = 'running' THEN 'starting' ELSE state END,
+                generation = generation + 1, resize_requested = false, restart_requested = false,
+                updated_at = now()
+         WHERE id = $1",
+        &[
+            &pod.id,
+            &size.cpu_millis,
+            &size.memory_bytes,
+            &size.disk_bytes,
+            &plan_id,
+            &to.0,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO volume_transfers (pod_id, kind, source_pod_id, source_node_id) VALUES ($1, 'move', $1, $2)",
+        &[&pod.id, &from.0],
+    )
+    .await?;
+    let state = if pod.desired_state == "running" {
+        "starting"
+    } else {
+        pod.state.as_str()
+    };
+    event(
+        &tx,
+        pod.id,
+        "action",
+        Some(state),
+        &format!(
+            "resize requested: {} millicores, {} MiB memory, {} GiB disk; node {} lacks the room, \
+             so the pod moves to node {} with its volume",
+            size.cpu_millis,
+            size.memory_bytes >> 20,
+            size.disk_bytes >> 30,
+            from.1,
+            to.1
         ),
     )
     .await?;

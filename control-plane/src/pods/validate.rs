@@ -59,9 +59,47 @@ pub fn command(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// A node's peer address (where other nodes pull volumes): `host:port`, at most 255
+/// characters, the host letters, digits, `.`, `-`, or an IPv6 address in brackets.
+pub fn peer_addr(raw: &str) -> Result<String, String> {
+    let problem = || format!("peer_addr must be host:port, such as 10.0.0.5:9102 (got {raw:?})");
+    let (host, port) = raw.rsplit_once(':').ok_or_else(problem)?;
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    if raw.len() > 255 || !host_ok || !port_ok || host == "0.0.0.0" || host == "[::]" {
+        return Err(problem());
+    }
+    Ok(raw.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_addresses_are_host_and_port() {
+        for good in ["10.0.0.5:9102", "node-1.internal:9102", "[::1]:9102"] {
+            assert_eq!(peer_addr(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in [
+            "10.0.0.5",
+            "10.0.0.5:0",
+            ":9102",
+            "0.0.0.0:9102",
+            "a b:1",
+            "h:1/x",
+            "[zz]:1",
+        ] {
+            assert!(peer_addr(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn names_are_dns_labels_of_3_to_40() {

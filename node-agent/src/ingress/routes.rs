@@ -453,6 +453,7 @@ mod tests {
                 restart_policy: RestartPolicy::Never,
                 http_port: Some(8080),
                 hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+                volume_source: None,
             },
             desired,
             generation: 1,
@@ -465,6 +466,7 @@ mod tests {
                 host_veth: "veth0".into(),
             }),
             retain_volume: false,
+            volume_filled: false,
             restarts: 0,
         }
     }

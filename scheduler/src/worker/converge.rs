@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use super::Context;
 use super::spec::{POD_COLUMNS, PodRow};
+use super::transfer::{self, Transfer};
 use crate::{FleetIndex, NodeView, Placement, PlacementRequest, Strategy, Unschedulable};
 
 /// How long a fleet snapshot chooses nodes before it is read again: nodes that joined and room
@@ -411,12 +412,36 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
     let mut client = ctx.db.get().await?;
     let tx = client.transaction().await?;
     let lock = tx
-        .prepare_cached(&format!("SELECT {POD_COLUMNS} FROM pods WHERE id = $1 FOR UPDATE"))
+        .prepare_cached(&format!(
+            "SELECT {POD_COLUMNS}, EXISTS (SELECT 1 FROM volume_transfers t WHERE t.pod_id = pods.id)
+             FROM pods WHERE id = $1 FOR UPDATE"
+        ))
         .await?;
     let Some(row) = tx.query_opt(&lock, &[&pod_id]).await? else {
         return Ok(());
     };
     let pod = PodRow::from_row(&row);
+    // A clone or a move still copying its volume (read only when there is one).
+    let transfer: Option<Transfer> = if row.get::<_, bool>(19) {
+        transfer::load(&tx, pod.id).await?
+    } else {
+        None
+    };
+    if pod.desired == "running"
+        && let Some(why) = transfer.as_ref().and_then(Transfer::impossible)
+    {
+        if pod.state != "failed" {
+            let message = format!("cannot copy the volume: {why}");
+            tx.execute(
+                "UPDATE pods SET state = 'failed', reason = $2, updated_at = now() WHERE id = $1",
+                &[&pod.id, &message],
+            )
+            .await?;
+            event(&tx, pod.id, "failure", Some("failed"), &message).await?;
+        }
+        tx.commit().await?;
+        return Ok(());
+    }
     match (pod.desired.as_str(), pod.node_id) {
         ("deleted", None) => {
             tx.execute("DELETE FROM pods WHERE id = $1", &[&pod.id]).await?;
@@ -424,6 +449,19 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
         }
         ("deleted", Some(node)) => {
             tx.commit().await?;
+            // A move that never finished: the old node still holds the pod's stopped copy.
+            if let Some(moving) = transfer.as_ref().filter(|t| t.is_move && t.source_node_id != node) {
+                send(
+                    ctx,
+                    moving.source_node_id,
+                    NodeJob::Delete {
+                        pod_id: pod.id,
+                        generation: pod.generation,
+                        retain_volume: false,
+                    },
+                )
+                .await?;
+            }
             send(
                 ctx,
                 node,
@@ -482,7 +520,10 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
                     .await?;
             }
             tx.commit().await?;
-            let spec = pod.spec();
+            let mut spec = pod.spec();
+            if let Some(transfer) = &transfer {
+                transfer::prepare(ctx, transfer, pod.id, &mut spec).await?;
+            }
             let job = if pod.restart_requested {
                 NodeJob::Restart { spec }
             } else {
@@ -500,7 +541,11 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
                     tx.commit().await?;
                     drop(in_flight);
                     tracing::debug!(pod = %pod.id, node = %name, "placed");
-                    send(ctx, node, NodeJob::EnsureRunning { spec: pod.spec() }).await?;
+                    let mut spec = pod.spec();
+                    if let Some(transfer) = &transfer {
+                        transfer::prepare(ctx, transfer, pod.id, &mut spec).await?;
+                    }
+                    send(ctx, node, NodeJob::EnsureRunning { spec }).await?;
                 }
                 Placed::Unschedulable(why) => {
                     let message = format!("unschedulable: {why}");

@@ -14,6 +14,7 @@ pub mod config;
 pub mod converge;
 pub mod reconcile;
 pub mod spec;
+pub mod transfer;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! (3) every pod not in its desired state (and not failed, and not on an unhealthy node) is
 //! enqueued again — so a lost job, a Redis flush or capacity that appeared later only delays
 //! work. Safe with several scheduler replicas (each statement is idempotent; jobs converge).
+//! Each pass also ends the volume transfers of pods that run now ([`super::transfer::complete`]).
 //!
 //! *Pods of a node that never returns* stay `unknown`: their volumes live on that node, so they
 //! are not moved silently. Deleting them waits for the node; an operator who retires the node
@@ -38,6 +39,10 @@ pub async fn run(ctx: Context, mut shutdown: watch::Receiver<bool>) {
 
 /// One pass; returns how many pods were enqueued.
 pub async fn pass(ctx: &Context) -> anyhow::Result<usize> {
+    // Clones and moves whose pod runs now: end them (a move's old copy is deleted).
+    if let Err(err) = super::transfer::complete(ctx).await {
+        tracing::warn!(error = %err, "ending volume transfers failed");
+    }
     let client = ctx.db.get().await?;
     let lost = client
         .query(

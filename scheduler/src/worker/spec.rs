@@ -89,6 +89,7 @@ impl PodRow {
             },
             http_port: self.http_port.and_then(|p| u16::try_from(p).ok()),
             hostnames: self.hostnames.clone(),
+            volume_source: None,
         }
     }
 }
