@@ -52,12 +52,12 @@ pub fn build_pods(
 ) -> anyhow::Result<(Pods, mpsc::UnboundedReceiver<instapod_common::node::PodReport>)> {
     let registry = RegistryClient::new(config.plain_http_registries.clone())?;
     let images = ImageStore::new(runtime.clone(), registry, dirs.scratch());
-    let network = Network {
-        bridge: config.network.bridge.clone(),
-        subnet: config.network.subnet.clone(),
-        cni_bin_dir: config.network.cni_bin_dir.clone(),
-        ipam_dir: dirs.ipam(),
-    };
+    let network = Network::new(
+        config.network.bridge.clone(),
+        config.network.subnet.clone(),
+        config.network.cni_bin_dir.clone(),
+        dirs.ipam(),
+    );
     let total = crate::capacity::total(dirs.root());
     let allocatable = crate::capacity::allocatable(&total, &config.reserved);
     let max = instapod_common::node::Resources {

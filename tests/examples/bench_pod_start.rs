@@ -311,12 +311,12 @@ async fn run(
     created: &mut Created,
 ) -> anyhow::Result<Results> {
     let config = node.settings.config();
-    let network = Network {
-        bridge: config.network.bridge.clone(),
-        subnet: config.network.subnet.clone(),
-        cni_bin_dir: config.network.cni_bin_dir.clone(),
-        ipam_dir: node.dirs.ipam(),
-    };
+    let network = Network::new(
+        config.network.bridge.clone(),
+        config.network.subnet.clone(),
+        config.network.cni_bin_dir.clone(),
+        node.dirs.ipam(),
+    );
     let mut results = Results::default();
     for kind in [Kind::Agent, Kind::Ctr, Kind::CtrCni] {
         measure(kind, node, &network, baseline, image, created)
@@ -361,12 +361,12 @@ async fn clean_up(node: &TestNode, baseline: &Baseline, created: &Created) {
         }
     }
     let config = node.settings.config();
-    let network = Network {
-        bridge: config.network.bridge.clone(),
-        subnet: config.network.subnet.clone(),
-        cni_bin_dir: config.network.cni_bin_dir.clone(),
-        ipam_dir: node.dirs.ipam(),
-    };
+    let network = Network::new(
+        config.network.bridge.clone(),
+        config.network.subnet.clone(),
+        config.network.cni_bin_dir.clone(),
+        node.dirs.ipam(),
+    );
     for pod in &created.netns {
         if netns_path(*pod).exists()
             && let Err(err) = network.teardown(*pod).await

@@ -494,12 +494,12 @@ async fn main() -> anyhow::Result<()> {
     let cni_node = NodeSettings::new("bench-cni");
     let cni_cleanup = cni_node.cleanup_guard();
     let config = cni_node.config();
-    let network = Arc::new(Network {
-        bridge: config.network.bridge.clone(),
-        subnet: config.network.subnet.clone(),
-        cni_bin_dir: config.network.cni_bin_dir.clone(),
-        ipam_dir: process::temp_dir("bench-ipam"),
-    });
+    let network = Arc::new(Network::new(
+        config.network.bridge.clone(),
+        config.network.subnet.clone(),
+        config.network.cni_bin_dir.clone(),
+        process::temp_dir("bench-ipam"),
+    ));
     let mut clients = Vec::new();
     for _ in 0..PODS {
         let client = user.client();

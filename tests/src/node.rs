@@ -51,6 +51,11 @@ impl NodeSettings {
         }
     }
 
+    /// The node's pod subnet.
+    pub fn subnet(&self) -> String {
+        format!("{}.0/24", self.subnet_prefix)
+    }
+
     /// The bridge's (gateway's) address.
     pub fn gateway(&self) -> String {
         format!("{}.1", self.subnet_prefix)
@@ -70,7 +75,7 @@ impl NodeSettings {
             ..Config::default()
         };
         config.network.bridge = self.bridge.clone();
-        config.network.subnet = format!("{}.0/24", self.subnet_prefix);
+        config.network.subnet = self.subnet();
         config.reserved.disk_bytes = 0;
         config
     }
@@ -155,9 +160,15 @@ impl NodeSettings {
         }
     }
 
-    /// Removes the bridge (pods' veths went with their namespaces).
+    /// Removes the bridge (pods' veths went with their namespaces) and the node's masquerade
+    /// rule.
     pub fn remove_bridge(&self) {
         let _ = Command::new("ip").args(["link", "delete", &self.bridge]).output();
+        let rule = instapod_node_agent::network::masquerade_rule(&self.bridge, &self.subnet());
+        let _ = Command::new("iptables")
+            .args(["-w", "5", "-t", "nat", "-D"])
+            .args(&rule)
+            .output();
     }
 }
 

@@ -296,6 +296,23 @@ async fn pods_cannot_reach_each_other_but_reach_the_gateway_and_themselves() {
         "a pod reaches its own services: {:?}",
         read("self")
     );
+    // Outbound NAT is one node-wide rule, not a chain per pod.
+    let nat = std::process::Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-S", "POSTROUTING"])
+        .output()
+        .expect("iptables");
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    let bridge = &node.settings.bridge;
+    let subnet = node.settings.subnet();
+    let ours: Vec<&str> = nat.lines().filter(|l| l.contains(bridge.as_str())).collect();
+    assert_eq!(ours.len(), 1, "one masquerade rule for the node: {ours:?}");
+    assert!(
+        ours[0].contains(&format!("-s {subnet}"))
+            && ours[0].contains(&format!("! -d {subnet}"))
+            && ours[0].ends_with("-j MASQUERADE"),
+        "{}",
+        ours[0]
+    );
     let _ = node.drain_reports();
 }
 
