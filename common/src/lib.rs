@@ -7,4 +7,5 @@
 
 pub mod config;
 pub mod node;
+pub mod queue;
 pub mod telemetry;

@@ -11,47 +11,12 @@ use std::time::{Duration, Instant};
 use apalis::layers::retry::HasherRng;
 use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
 use apalis::prelude::*;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{NodeJob, node_queue};
+use instapod_common::queue::{POLL_INTERVAL, PollEvery};
 use uuid::Uuid;
 
 use crate::pods::{Outcome, PodError, Pods};
-
-/// How often the consumer looks for new jobs. 20 ms keeps create → running within the issue's
-/// budget (BENCHMARKS.md, "Pods end to end"); an empty poll costs Redis about 13 µs, so 50
-/// polls a second per node are ~0.06% of Redis's core per node (a large fleet wants a wake-up
-/// on push instead).
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
-
-/// Wakes the consumer every `period` and always leaves a timer armed. apalis-core 1.0's
-/// `IntervalStrategy` (`poll_with_interval`) replaces its timer when it fires without polling
-/// the new one; when the fetch that follows completes within the same poll (an empty queue),
-/// no timer is registered and the consumer sleeps until its heartbeat, 30 s later.
-#[derive(Debug)]
-struct PollEvery(tokio::time::Interval);
-
-impl PollEvery {
-    fn new(period: Duration) -> PollEvery {
-        let mut interval = tokio::time::interval(period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        PollEvery(interval)
-    }
-}
-
-impl PollStrategy for PollEvery {
-    fn poll_drive(&mut self, cx: &mut std::task::Context<'_>, _: &PollSnapshot) -> std::task::Poll<Option<()>> {
-        // Tick until the interval is pending: that registers the waker for the next tick.
-        let mut ticked = false;
-        while self.0.poll_tick(cx).is_ready() {
-            ticked = true;
-        }
-        if ticked {
-            std::task::Poll::Ready(Some(()))
-        } else {
-            std::task::Poll::Pending
-        }
-    }
-}
 
 /// Attempts after the first for a job that fails transiently.
 const RETRIES: usize = 8;
@@ -88,7 +53,7 @@ pub async fn run(redis_url: &str, node_id: Uuid, pods: Pods, concurrency: usize)
     // apalis-redis fetches from an empty queue only on its heartbeat (30 s) unless told to
     // poll: a job must start within a fraction of a second.
     let storage = RedisStorage::<NodeJob>::new(conn)
-        .with_config(QueueConfig::default().queue(node_queue(node_id)))
+        .with_config(instapod_common::queue::config(node_queue(node_id)))
         .poll_with_strategy(PollEvery::new(POLL_INTERVAL));
     let backoff = ExponentialBackoffMaker::new(
         Duration::from_millis(500),

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use apalis::prelude::TaskSink;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{NodeJob, PodSpec, node_queue};
 use instapod_tests::node::{NodeSettings, agent_binary, pod_spec, spawn_agent, web_image};
 use instapod_tests::{ControlPlane, ControlPlaneOptions, process, redis};
@@ -82,7 +82,8 @@ fn mb(bytes: u64) -> String {
 
 async fn push_all(redis_url: &str, node_id: Uuid, jobs: Vec<NodeJob>) -> anyhow::Result<()> {
     let conn = apalis_redis::connect(redis_url).await.context("redis")?;
-    let mut storage = RedisStorage::<NodeJob>::new(conn).with_config(QueueConfig::default().queue(node_queue(node_id)));
+    let mut storage =
+        RedisStorage::<NodeJob>::new(conn).with_config(instapod_common::queue::config(node_queue(node_id)));
     for job in jobs {
         storage.push(job).await.context("pushing a job")?;
     }

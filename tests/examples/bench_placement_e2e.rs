@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use apalis::prelude::TaskSink;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{PODS_QUEUE, PodJob};
 use instapod_tests::scheduler::Scheduler;
 use instapod_tests::{ControlPlane, ControlPlaneOptions, cpu, ids, redis};
@@ -124,7 +124,7 @@ async fn wait_placed(
 
 async fn push(redis_url: &str, jobs: Vec<PodJob>) -> anyhow::Result<()> {
     let conn = apalis_redis::connect(redis_url).await.context("redis")?;
-    let mut storage = RedisStorage::<PodJob>::new(conn).with_config(QueueConfig::default().queue(PODS_QUEUE));
+    let mut storage = RedisStorage::<PodJob>::new(conn).with_config(instapod_common::queue::config(PODS_QUEUE));
     let mut jobs = jobs;
     while !jobs.is_empty() {
         let rest = jobs.split_off(jobs.len().min(PUSH_BATCH));

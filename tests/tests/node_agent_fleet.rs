@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use apalis::prelude::TaskSink;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{NodeJob, PodSpec, node_queue};
 use instapod_tests::node::{NodeSettings, pod_spec, spawn_agent, web_image};
 use instapod_tests::{ControlPlane, ControlPlaneOptions, eventually, process, redis};
@@ -18,7 +18,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 async fn push(redis_url: &str, node_id: Uuid, job: NodeJob) {
     let conn = apalis_redis::connect(redis_url).await.expect("redis");
-    let mut storage = RedisStorage::<NodeJob>::new(conn).with_config(QueueConfig::default().queue(node_queue(node_id)));
+    let mut storage =
+        RedisStorage::<NodeJob>::new(conn).with_config(instapod_common::queue::config(node_queue(node_id)));
     storage.push(job).await.expect("push a job");
 }
 

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use apalis::prelude::TaskSink;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{PODS_QUEUE, PodJob};
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -36,7 +36,7 @@ impl PodQueue {
             let mut guard = self.storage.lock().await;
             if guard.is_none() {
                 let conn = apalis_redis::connect(self.url.as_str()).await?;
-                *guard = Some(RedisStorage::new(conn).with_config(QueueConfig::default().queue(PODS_QUEUE)));
+                *guard = Some(RedisStorage::new(conn).with_config(instapod_common::queue::config(PODS_QUEUE)));
             }
             let Some(storage) = guard.as_mut() else {
                 return Ok(());

@@ -18,7 +18,7 @@ use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use apalis::prelude::TaskSink;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use deadpool_postgres::GenericClient;
 use instapod_common::node::{Capacity, NodeJob, node_queue};
 use uuid::Uuid;
@@ -156,8 +156,8 @@ impl From<deadpool_postgres::PoolError> for ConvergeError {
 
 /// Sends `job` to node `node_id`'s queue.
 pub async fn send(ctx: &Context, node_id: Uuid, job: NodeJob) -> Result<(), ConvergeError> {
-    let mut storage =
-        RedisStorage::<NodeJob>::new(ctx.redis.clone()).with_config(QueueConfig::default().queue(node_queue(node_id)));
+    let mut storage = RedisStorage::<NodeJob>::new(ctx.redis.clone())
+        .with_config(instapod_common::queue::config(node_queue(node_id)));
     storage
         .push(job)
         .await

@@ -20,41 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{PODS_QUEUE, PodJob};
+use instapod_common::queue::{POLL_INTERVAL, PollEvery};
 use tokio::sync::watch;
 
 pub use config::Config;
-
-/// Wakes the consumer every `period` and always leaves a timer armed. apalis-core 1.0's
-/// `IntervalStrategy` (`poll_with_interval`) replaces its timer when it fires without polling
-/// the new one; when the fetch that follows completes within the same poll (an empty queue),
-/// no timer is registered and the consumer sleeps until its heartbeat, 30 s later.
-#[derive(Debug)]
-struct PollEvery(tokio::time::Interval);
-
-impl PollEvery {
-    fn new(period: Duration) -> PollEvery {
-        let mut interval = tokio::time::interval(period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        PollEvery(interval)
-    }
-}
-
-impl PollStrategy for PollEvery {
-    fn poll_drive(&mut self, cx: &mut std::task::Context<'_>, _: &PollSnapshot) -> std::task::Poll<Option<()>> {
-        // Tick until the interval is pending: that registers the waker for the next tick.
-        let mut ticked = false;
-        while self.0.poll_tick(cx).is_ready() {
-            ticked = true;
-        }
-        if ticked {
-            std::task::Poll::Ready(Some(()))
-        } else {
-            std::task::Poll::Pending
-        }
-    }
-}
 
 /// Shared by every job.
 #[derive(Debug, Clone)]
@@ -101,8 +72,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // to poll: a new pod must be placed within a fraction of a second (every 20 ms: see
             // BENCHMARKS.md, "Pods end to end").
             let storage = RedisStorage::<PodJob>::new(worker_ctx.redis.clone())
-                .with_config(QueueConfig::default().queue(PODS_QUEUE))
-                .poll_with_strategy(PollEvery::new(Duration::from_millis(20)));
+                .with_config(instapod_common::queue::config(PODS_QUEUE))
+                .poll_with_strategy(PollEvery::new(POLL_INTERVAL));
             let worker = WorkerBuilder::new(format!("scheduler-{}", uuid::Uuid::new_v4().simple()))
                 .backend(storage)
                 .retry(RetryPolicy::retries(5))

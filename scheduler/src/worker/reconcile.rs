@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use apalis::prelude::TaskSink;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{PODS_QUEUE, PodJob};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -93,7 +93,7 @@ pub async fn pass(ctx: &Context) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let mut storage =
-        RedisStorage::<PodJob>::new(ctx.redis.clone()).with_config(QueueConfig::default().queue(PODS_QUEUE));
+        RedisStorage::<PodJob>::new(ctx.redis.clone()).with_config(instapod_common::queue::config(PODS_QUEUE));
     for (pod_id, generation) in &jobs {
         storage
             .push(PodJob {

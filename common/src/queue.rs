@@ -1,0 +1,74 @@
+//! How every Instapod process configures its apalis-redis queues: one place for the queue
+//! settings and the poll strategy, so producers and consumers of a queue agree.
+//!
+//! *Why these settings.*
+//! - `lock_tasks` off: with it on, apalis-redis 1.0 "acquires a lease" for every fetched job
+//!   with `LREM` on the queue's list — O(queue length) per job (the fetch has already taken
+//!   the job off the list, so the scan finds nothing) and quadratic under a backlog: with
+//!   20,000 pods queued Redis spent most of its CPU there. Jobs a dead worker held are still
+//!   put back: that uses the worker's in-flight set, which the fetch fills either way.
+//! - `emit_events` off: nobody subscribes to the per-job pub/sub messages.
+//! - [`PollEvery`]: apalis-redis fetches from an empty queue only on its heartbeat (30 s)
+//!   unless told to poll, and apalis-core 1.0's `IntervalStrategy` can leave no timer armed
+//!   after an empty fetch; this strategy always does.
+
+use std::time::Duration;
+
+use apalis::prelude::{PollSnapshot, PollStrategy};
+
+/// How often consumers look for new jobs. 20 ms keeps create → running within the issue's
+/// budget (BENCHMARKS.md, "Pods end to end"); an empty poll costs Redis about 13 µs, so 50
+/// polls a second per consumer are ~0.06% of Redis's core each (a large fleet wants a wake-up
+/// on push instead).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The settings of queue `name` (see the module documentation).
+pub fn config(name: impl AsRef<str>) -> apalis_redis::Config {
+    apalis_redis::Config::default()
+        .queue(name)
+        .lock_tasks(false)
+        .emit_events(false)
+}
+
+/// Wakes the consumer every `period` and always leaves a timer armed. apalis-core 1.0's
+/// `IntervalStrategy` (`poll_with_interval`) replaces its timer when it fires without polling
+/// the new one; when the fetch that follows completes within the same poll (an empty queue),
+/// no timer is registered and the consumer sleeps until its heartbeat, 30 s later.
+#[derive(Debug)]
+pub struct PollEvery(tokio::time::Interval);
+
+impl PollEvery {
+    pub fn new(period: Duration) -> PollEvery {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        PollEvery(interval)
+    }
+}
+
+impl PollStrategy for PollEvery {
+    fn poll_drive(&mut self, cx: &mut std::task::Context<'_>, _: &PollSnapshot) -> std::task::Poll<Option<()>> {
+        // Tick until the interval is pending: that registers the waker for the next tick.
+        let mut ticked = false;
+        while self.0.poll_tick(cx).is_ready() {
+            ticked = true;
+        }
+        if ticked {
+            std::task::Poll::Ready(Some(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_skip_the_per_job_lease_scan_and_events() {
+        let config = config("node:abc");
+        assert_eq!(config.queue.as_ref(), "node:abc");
+        assert!(!config.lock_tasks);
+        assert!(!config.emit_events);
+    }
+}
