@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use apalis::prelude::TaskSink;
-use apalis_redis::{Config as QueueConfig, RedisStorage};
+use apalis_redis::RedisStorage;
 use instapod_common::node::{NodeJob, VolumeSource, node_queue};
 use instapod_tests::fleet::{Fleet, FleetOptions};
 use instapod_tests::node::{pod_spec, web_image};
@@ -135,8 +135,8 @@ fn no_leftovers(fleet: &Fleet, node: usize, pod_id: &str) -> anyhow::Result<()> 
 
 async fn push(fleet: &Fleet, node: usize, job: NodeJob) {
     let conn = apalis_redis::connect(fleet.redis_url.as_str()).await.expect("redis");
-    let mut storage =
-        RedisStorage::<NodeJob>::new(conn).with_config(QueueConfig::default().queue(node_queue(fleet.node_ids[node])));
+    let mut storage = RedisStorage::<NodeJob>::new(conn)
+        .with_config(instapod_common::queue::config(node_queue(fleet.node_ids[node])));
     storage.push(job).await.expect("push a job");
 }
 
