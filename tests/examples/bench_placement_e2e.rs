@@ -13,8 +13,8 @@
 //! `nodes`: `healthy`, region `local`, no labels, 16,000 millicores, 64 GiB of memory and
 //! 1 TiB of disk allocatable each, and no agent behind them. A team on the `scale` plan. The
 //! real `instapod-scheduler` binary (the release build next to this example, or
-//! `INSTAPOD_SCHEDULER_BIN`) with its production defaults (8 concurrent jobs, a pool of 8
-//! Postgres connections, bin-packing), `info` logs, and the reconciler every hour (so that it
+//! `INSTAPOD_SCHEDULER_BIN`) with its production defaults (32 concurrent jobs, placed in
+//! batches; a pool of 8 Postgres connections, bin-packing), `info` logs, and the reconciler every hour (so that it
 //! does not enqueue the benchmark's pods a second time; `BENCH_SCHEDULER_CONCURRENCY=<n>` sets
 //! its concurrency and pool size instead). One warm-up pod is placed first.
 //! Then `BENCH_PODS` pods are inserted in one `INSERT … SELECT` (`pending`, desired

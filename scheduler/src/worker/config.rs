@@ -20,7 +20,8 @@ pub struct Config {
     pub redis_url: Secret,
     /// `bin_pack` (default) or `spread`.
     pub strategy: Strategy,
-    /// Pod jobs handled at once. Default 8.
+    /// Pod jobs handled at once (and fetched per poll); pods that need a node among them are
+    /// placed in one transaction (`worker/batch.rs`). Default 32.
     pub concurrency: usize,
     /// Seconds between reconcile passes. Default 5.
     pub reconcile_interval_secs: u64,
@@ -39,7 +40,7 @@ impl Default for Config {
             database_pool_size: 8,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             strategy: Strategy::default(),
-            concurrency: 8,
+            concurrency: 32,
             reconcile_interval_secs: 5,
             stop_grace_secs: 10,
             log_format: LogFormat::Text,

@@ -101,7 +101,7 @@ fn with_placer<R>(key: &str, f: impl FnOnce(&mut Placer) -> R) -> R {
 }
 
 /// An assignment in flight on a node; counted down when dropped, whatever happened.
-struct InFlight {
+pub(super) struct InFlight {
     key: String,
     node: Uuid,
 }
@@ -212,7 +212,7 @@ async fn fleet(client: &impl GenericClient) -> Result<Vec<NodeView>, ConvergeErr
         .collect())
 }
 
-fn capacity(cpu: i64, memory: i64, disk: i64) -> Capacity {
+pub(super) fn capacity(cpu: i64, memory: i64, disk: i64) -> Capacity {
     Capacity {
         cpu_millis: u64::try_from(cpu).unwrap_or(0),
         memory_bytes: u64::try_from(memory).unwrap_or(0),
@@ -221,7 +221,7 @@ fn capacity(cpu: i64, memory: i64, disk: i64) -> Capacity {
 }
 
 /// Reads the fleet and makes it the snapshot placement chooses from.
-async fn refresh(ctx: &Context, client: &impl GenericClient) -> Result<(), ConvergeError> {
+pub(super) async fn refresh(ctx: &Context, client: &impl GenericClient) -> Result<(), ConvergeError> {
     let nodes = fleet(client).await?;
     let index = FleetIndex::new(&nodes);
     let snapshot = Snapshot {
@@ -232,6 +232,76 @@ async fn refresh(ctx: &Context, client: &impl GenericClient) -> Result<(), Conve
         placer.snapshot = Some(snapshot)
     });
     Ok(())
+}
+
+/// Whether the process has a snapshot younger than [`SNAPSHOT_MAX_AGE`].
+pub(super) fn snapshot_is_fresh(ctx: &Context) -> bool {
+    with_placer(ctx.config.database_url.expose(), |placer| {
+        placer
+            .snapshot
+            .as_ref()
+            .is_some_and(|snapshot| snapshot.read_at.elapsed() < SNAPSHOT_MAX_AGE)
+    })
+}
+
+/// For batches ([`super::batch`]): the snapshot's node for `request`, reserved in the snapshot
+/// and marked in flight; `None` when the snapshot has no room (or there is no snapshot). Nodes
+/// in flight are not avoided: a batch's pods share its node locks.
+pub(super) fn choose_and_reserve(ctx: &Context, request: &PlacementRequest) -> Option<(Uuid, InFlight)> {
+    let key = ctx.config.database_url.expose();
+    with_placer(key, |placer| {
+        let snapshot = placer.snapshot.as_mut()?;
+        let placement = snapshot.index.place(request, ctx.config.strategy).ok()?;
+        snapshot.index.reserve(placement.node_id, request.capacity()).ok()?;
+        Some((placement.node_id, InFlight::start(placer, key, placement.node_id)))
+    })
+}
+
+/// For batches: choices that failed their check under the node's lock, as (node, what was
+/// reserved for the pod in the snapshot, what the node's pods reserve according to the lock —
+/// `None` when the node no longer qualifies). The snapshot takes the lock's figure, or is
+/// read again soon when the node changed.
+pub(super) fn forget_choices(ctx: &Context, refused: &[(Uuid, Capacity, Option<Capacity>)]) {
+    if refused.is_empty() {
+        return;
+    }
+    with_placer(ctx.config.database_url.expose(), |placer| {
+        let Some(snapshot) = placer.snapshot.as_mut() else {
+            return;
+        };
+        for (node, reserved, used) in refused {
+            match used {
+                Some(used) => {
+                    let seen = snapshot
+                        .index
+                        .nodes()
+                        .iter()
+                        .find(|view| view.id == *node)
+                        .map(|view| view.reserved);
+                    if let Some(seen) = seen {
+                        let _ = snapshot.index.release(*node, seen);
+                        let _ = snapshot.index.reserve(*node, *used);
+                    }
+                }
+                None => {
+                    let _ = snapshot.index.release(*node, *reserved);
+                    // Gone, unhealthy or relabelled: read the fleet again before the next choice.
+                    placer.snapshot = None;
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Sends node `node_id` several jobs with one push.
+pub(super) async fn send_all(ctx: &Context, node_id: Uuid, jobs: Vec<NodeJob>) -> Result<(), ConvergeError> {
+    let mut storage = RedisStorage::<NodeJob>::new(ctx.redis.clone())
+        .with_config(instapod_common::queue::config(node_queue(node_id)));
+    storage
+        .push_bulk(jobs)
+        .await
+        .map_err(|err| ConvergeError::Queue(err.to_string()))
 }
 
 /// Where placing a pod ended.

@@ -5,11 +5,13 @@
 //! *Invariants.*
 //! - Placement locks the pod's row, then the chosen node's row, and re-sums the node's
 //!   committed pods under that lock before assigning: several scheduler replicas can never
-//!   over-commit a node (the check and the write happen under the node's lock).
+//!   over-commit a node (the check and the write happen under the node's lock). The pods being
+//!   placed at the same moment share one transaction ([`batch`]); the rule is the same.
 //! - Postgres is the truth: a job only says "converge this pod"; the worker reads the pod's
 //!   desired state and generation from its row, so a lost, duplicated or stale job is
 //!   harmless, and the reconciler rebuilds lost work after a Redis flush.
 
+pub mod batch;
 pub mod config;
 pub mod converge;
 pub mod reconcile;
@@ -35,8 +37,23 @@ pub struct Context {
     pub config: Arc<Config>,
 }
 
-async fn handle(job: PodJob, ctx: Data<Context>) -> Result<(), BoxDynError> {
-    converge::converge(&ctx, job.pod_id).await.map_err(|err| {
+/// What a job needs: the context and the batching task.
+#[derive(Debug, Clone)]
+struct Worker {
+    ctx: Context,
+    batcher: batch::Batcher,
+}
+
+/// A pod that needs a node is placed with the other pods whose jobs run now (one
+/// transaction: [`batch`]); anything else, and a pod the batch left alone, converges alone.
+async fn handle(job: PodJob, worker: Data<Worker>) -> Result<(), BoxDynError> {
+    let ctx = &worker.ctx;
+    let converged = match worker.batcher.place(job.pod_id).await {
+        Ok(batch::Batched::Placed) => Ok(()),
+        Ok(batch::Batched::NotPlaced) => converge::converge(ctx, job.pod_id).await,
+        Err(err) => Err(err),
+    };
+    converged.map_err(|err| {
         tracing::warn!(pod = %job.pod_id, error = %err, "converging failed; retrying");
         Box::new(err) as BoxDynError
     })
@@ -65,14 +82,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(reconcile::run(ctx.clone(), shutdown.clone()));
     let concurrency = ctx.config.concurrency;
-    let worker_ctx = ctx.clone();
+    let worker_ctx = Worker {
+        batcher: batch::Batcher::start(ctx.clone()),
+        ctx: ctx.clone(),
+    };
     let jobs = async move {
         loop {
             // apalis-redis fetches from an empty queue only on its heartbeat (30 s) unless told
             // to poll: a new pod must be placed within a fraction of a second (every 20 ms: see
             // BENCHMARKS.md, "Pods end to end").
-            let storage = RedisStorage::<PodJob>::new(worker_ctx.redis.clone())
-                .with_config(instapod_common::queue::config(PODS_QUEUE))
+            let storage = RedisStorage::<PodJob>::new(worker_ctx.ctx.redis.clone())
+                .with_config(instapod_common::queue::config(PODS_QUEUE).batch_size(concurrency.max(1)))
                 .poll_with_strategy(PollEvery::new(POLL_INTERVAL));
             let worker = WorkerBuilder::new(format!("scheduler-{}", uuid::Uuid::new_v4().simple()))
                 .backend(storage)
