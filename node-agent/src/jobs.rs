@@ -28,6 +28,7 @@ async fn handle(job: NodeJob, pods: Data<Pods>) -> Result<(), BoxDynError> {
     let outcome = match &result {
         Ok(Outcome::Applied) => "applied",
         Ok(Outcome::Stale) => "stale",
+        Ok(Outcome::Duplicate) => "duplicate",
         Err(PodError::Transient(_)) => "transient_error",
         Err(_) => "error",
     };

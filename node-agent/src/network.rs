@@ -5,8 +5,9 @@
 //! *Design.* CNI plugins are executables by specification: the agent runs them with an argv
 //! and the CNI environment, and the network config on stdin (no shell). The namespace is made
 //! with iproute2 (`ip netns add`), and the host side of the pod's veth is marked `isolated` on
-//! the bridge (`bridge link set dev <veth> isolated on`): isolated ports can talk to the
-//! bridge (the host, the gateway to the internet) but not to each other.
+//! the bridge (`/sys/class/net/<veth>/brport/isolated`, or `bridge link set dev <veth> isolated
+//! on` where sysfs lacks it): isolated ports can talk to the bridge (the host, the gateway to
+//! the internet) but not to each other.
 //!
 //! Outbound NAT is one `iptables -t nat` rule per node (`-s <subnet> ! -d <subnet> -j
 //! MASQUERADE`, tagged with the bridge's name), added once per agent process if missing —
@@ -129,6 +130,22 @@ pub fn masquerade_rule(bridge: &str, subnet: &str) -> Vec<String> {
     .collect()
 }
 
+/// Marks the bridge port `host_veth` isolated: through sysfs (no process to start), or with
+/// iproute2's `bridge` where the kernel has no `brport/isolated` file.
+async fn isolate_port(host_veth: &str) -> Result<(), NetworkError> {
+    let flag = Path::new("/sys/class/net").join(host_veth).join("brport/isolated");
+    match tokio::fs::write(&flag, b"1").await {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => run(
+            Path::new("bridge"),
+            &["link", "set", "dev", host_veth, "isolated", "on"],
+        )
+        .await
+        .map(|_| ()),
+        Err(err) => Err(NetworkError::Failed(format!("{}: {err}", flag.display()))),
+    }
+}
+
 impl Network {
     pub fn new(bridge: String, subnet: String, cni_bin_dir: PathBuf, ipam_dir: PathBuf) -> Network {
         Network {
@@ -246,11 +263,7 @@ impl Network {
                 .find(|i| i.sandbox.as_deref().unwrap_or("").is_empty() && i.name != self.bridge)
                 .map(|i| i.name.clone())
                 .ok_or_else(|| NetworkError::Failed(format!("CNI named no host interface: {out}")))?;
-            run(
-                Path::new("bridge"),
-                &["link", "set", "dev", &host_veth, "isolated", "on"],
-            )
-            .await?;
+            isolate_port(&host_veth).await?;
             Ok(Attachment {
                 netns: netns.clone(),
                 ip: address,

@@ -83,6 +83,10 @@ pub enum Outcome {
     Applied,
     /// The job's generation is older than the pod's: acknowledged, nothing done.
     Stale,
+    /// The same operation at the same generation is being applied right now (a job delivered
+    /// twice, or re-sent by the scheduler's reconciler while the first waited in the queue):
+    /// acknowledged at once instead of holding a job slot while it waits for the pod's lock.
+    Duplicate,
 }
 
 /// Why an operation failed.
@@ -129,6 +133,8 @@ struct Inner {
     resolv_conf: String,
     reports: mpsc::UnboundedSender<PodReport>,
     locks: StdMutex<HashMap<Uuid, Arc<Mutex<()>>>>,
+    /// The operation (generation, name) each pod's lock holder is applying.
+    applying: StdMutex<HashMap<Uuid, (i64, &'static str)>>,
     records: StdMutex<HashMap<Uuid, PodRecord>>,
     /// Bumped after every change of `records`, so derived views (the ingress's routing table)
     /// are rebuilt only when something changed.
@@ -210,6 +216,25 @@ impl From<SpecError> for StepError {
     }
 }
 
+/// Marks what a pod's lock holder applies, until dropped.
+struct Applying<'a> {
+    map: &'a StdMutex<HashMap<Uuid, (i64, &'static str)>>,
+    id: Uuid,
+}
+
+impl<'a> Applying<'a> {
+    fn start(map: &'a StdMutex<HashMap<Uuid, (i64, &'static str)>>, id: Uuid, what: (i64, &'static str)) -> Self {
+        map.lock().unwrap_or_else(|p| p.into_inner()).insert(id, what);
+        Applying { map, id }
+    }
+}
+
+impl Drop for Applying<'_> {
+    fn drop(&mut self) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
 impl Pods {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -233,6 +258,7 @@ impl Pods {
                 resolv_conf,
                 reports,
                 locks: StdMutex::default(),
+                applying: StdMutex::default(),
                 records: StdMutex::default(),
                 records_version: AtomicU64::new(0),
                 live: StdMutex::default(),
@@ -369,8 +395,14 @@ impl Pods {
     /// Applies one job.
     pub async fn handle(&self, job: &NodeJob) -> Result<Outcome, PodError> {
         let id = job.pod_id();
+        let this = (job.generation(), job.operation());
+        let idempotent = matches!(job, NodeJob::EnsureRunning { .. } | NodeJob::Delete { .. });
+        if idempotent && self.inner.applying.lock().unwrap_or_else(|p| p.into_inner()).get(&id) == Some(&this) {
+            return Ok(Outcome::Duplicate);
+        }
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
+        let _applying = Applying::start(&self.inner.applying, id, this);
         let existing = self.record(id);
         // A clone's export does not touch the pod, so its generation does not matter.
         let clone_export = matches!(job, NodeJob::ExportVolume { stop_first: false, .. });

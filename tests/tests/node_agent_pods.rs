@@ -155,8 +155,12 @@ async fn a_job_delivered_twice_makes_one_container_and_a_second_pod_reuses_the_i
     let mut node = TestNode::start("twice").await;
     let image = web_image().await;
     let spec = pod_spec(&image, 1);
+    // The second delivery arrives while the first is being applied: acknowledged at once.
     let (a, b) = tokio::join!(ensure(&node, &spec), ensure(&node, &spec));
-    assert_eq!((a, b), (Outcome::Applied, Outcome::Applied));
+    assert_eq!((a, b), (Outcome::Applied, Outcome::Duplicate));
+    assert_eq!(containers_of(&node, spec.pod_id).await, 1);
+    // Once the first is done, the same job is applied again (and changes nothing).
+    assert_eq!(ensure(&node, &spec).await, Outcome::Applied);
     assert_eq!(containers_of(&node, spec.pod_id).await, 1);
     assert_eq!(
         node.pods
