@@ -42,7 +42,7 @@ use apalis::prelude::TaskSink;
 use apalis_redis::RedisStorage;
 use instapod_common::node::{PODS_QUEUE, PodJob};
 use instapod_tests::scheduler::Scheduler;
-use instapod_tests::{ControlPlane, ControlPlaneOptions, cpu, ids, redis};
+use instapod_tests::{ControlPlane, ControlPlaneOptions, cpu, fleet, ids, redis};
 use uuid::Uuid;
 
 const DEFAULT_NODES: i64 = 1_000;
@@ -225,18 +225,9 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let db = cp.db().await;
-    db.execute(
-        "INSERT INTO nodes (name, region, labels, token_hash, status, agent_version,
-                            total_cpu_millis, total_memory_bytes, total_disk_bytes,
-                            allocatable_cpu_millis, allocatable_memory_bytes, allocatable_disk_bytes,
-                            last_heartbeat_at)
-         SELECT 'sim-node-' || i, 'local', '{}'::jsonb, decode(md5('sim-node-' || i), 'hex'), 'healthy', 'simulated',
-                16000, 68719476736, 1099511627776, 16000, 68719476736, 1099511627776, now()
-         FROM generate_series(1, $1::int8) i",
-        &[&nodes],
-    )
-    .await
-    .context("inserting the simulated nodes")?;
+    fleet::insert_simulated_nodes(&db, "sim-node", nodes, 16_000)
+        .await
+        .context("inserting the simulated nodes")?;
     let team: Uuid = db
         .query_one(
             "INSERT INTO teams (name, slug, plan_id) VALUES ('Placement bench', $1, 'scale') RETURNING id",

@@ -225,3 +225,28 @@ impl Drop for Fleet {
         }
     }
 }
+
+/// Inserts `count` simulated nodes named `<prefix>-<n>` straight into `nodes`: healthy, region
+/// `local`, no labels, `cpu_millis` millicores, 64 GiB of memory and 1 TiB of disk allocatable,
+/// agent version `simulated`, no agent behind them. For placement work without containers
+/// (give the control plane a long heartbeat timeout, or its health worker marks them
+/// unhealthy).
+pub async fn insert_simulated_nodes(
+    db: &tokio_postgres::Client,
+    prefix: &str,
+    count: i64,
+    cpu_millis: i64,
+) -> anyhow::Result<()> {
+    db.execute(
+        "INSERT INTO nodes (name, region, labels, token_hash, status, agent_version,
+                            total_cpu_millis, total_memory_bytes, total_disk_bytes,
+                            allocatable_cpu_millis, allocatable_memory_bytes, allocatable_disk_bytes,
+                            last_heartbeat_at)
+         SELECT $1 || '-' || i, 'local', '{}'::jsonb, decode(md5($1 || '-' || i), 'hex'), 'healthy', 'simulated',
+                $3, 68719476736, 1099511627776, $3, 68719476736, 1099511627776, now()
+         FROM generate_series(1, $2::int8) i",
+        &[&prefix, &count, &cpu_millis],
+    )
+    .await?;
+    Ok(())
+}

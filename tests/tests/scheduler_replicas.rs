@@ -9,7 +9,7 @@ use apalis::prelude::TaskSink;
 use apalis_redis::RedisStorage;
 use instapod_common::node::{PODS_QUEUE, PodJob};
 use instapod_tests::scheduler::Scheduler;
-use instapod_tests::{ControlPlane, ControlPlaneOptions, ids, redis};
+use instapod_tests::{ControlPlane, ControlPlaneOptions, fleet, ids, redis};
 use uuid::Uuid;
 
 const NODES: i64 = 4;
@@ -36,18 +36,9 @@ async fn scheduler_replicas_never_over_commit_a_node_or_place_a_pod_twice() {
     )
     .await;
     let db = cp.db().await;
-    db.execute(
-        "INSERT INTO nodes (name, region, labels, token_hash, status, agent_version,
-                            total_cpu_millis, total_memory_bytes, total_disk_bytes,
-                            allocatable_cpu_millis, allocatable_memory_bytes, allocatable_disk_bytes,
-                            last_heartbeat_at)
-         SELECT 'replica-node-' || i, 'local', '{}'::jsonb, decode(md5('replica-node-' || i), 'hex'), 'healthy',
-                'simulated', $2, 68719476736, 1099511627776, $2, 68719476736, 1099511627776, now()
-         FROM generate_series(1, $1::int8) i",
-        &[&NODES, &NODE_CPU],
-    )
-    .await
-    .expect("simulated nodes");
+    fleet::insert_simulated_nodes(&db, "replica-node", NODES, NODE_CPU)
+        .await
+        .expect("simulated nodes");
     let team: Uuid = db
         .query_one(
             "INSERT INTO teams (name, slug, plan_id) VALUES ('Replicas', $1, 'scale') RETURNING id",
