@@ -293,3 +293,25 @@ impl From<crate::nodes::store::RecordReportsError> for ApiError {
         }
     }
 }
+
+impl From<crate::pods::logs::OpenLogsError> for ApiError {
+    fn from(err: crate::pods::logs::OpenLogsError) -> Self {
+        use crate::pods::logs::OpenLogsError;
+        match err {
+            OpenLogsError::NotFound(name) => ApiError::not_found(format!("no pod named {name:?} in your active team")),
+            OpenLogsError::NoPeerAddress { .. } | OpenLogsError::Unreachable { .. } => {
+                tracing::warn!(error = %err, "pod logs: node unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "node_unavailable",
+                    "the pod's node cannot be reached for its logs, try again shortly",
+                )
+            }
+            OpenLogsError::Refused { .. } => {
+                tracing::error!(error = %err, "pod logs: the node refused");
+                ApiError::internal()
+            }
+            OpenLogsError::Db(err) => err.into(),
+        }
+    }
+}

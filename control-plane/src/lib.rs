@@ -91,6 +91,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         pod_queue: Arc::new(pods::queue::PodQueue::new(config.redis_url.expose())),
         ingress_routes: Arc::new(nodes::routes::RouteCache::new(config.node_join_token.expose())),
+        node_http: pods::logs::node_http_client(),
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

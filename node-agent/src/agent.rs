@@ -79,6 +79,11 @@ pub fn build_pods(
             max,
             log_max_bytes: config.log_max_bytes,
             log_keep: config.log_keep,
+            log_driver: if config.log_driver.as_os_str().is_empty() {
+                std::env::current_exe().ok()
+            } else {
+                Some(config.log_driver.clone())
+            },
         },
         config.cgroup_parent.clone(),
         config.resolv_conf(),

@@ -1,4 +1,5 @@
-//! `instapod-node-agent [--config FILE] [run | import-image FILE.tar NAME]`
+//! `instapod-node-agent [--config FILE] [run | import-image FILE.tar NAME]`, and
+//! `instapod-node-agent log-driver FILE`, which only containerd's shim runs (`log_driver.rs`).
 //!
 //! The configuration file may also be named by `INSTAPOD_AGENT_CONFIG`; every field can be
 //! overridden with `INSTAPOD_AGENT_<FIELD>` (see `config.rs` and the README).
@@ -12,6 +13,12 @@ use crate::config::{Config, ENV_PREFIX};
 const USAGE: &str = "usage: instapod-node-agent [--config FILE] [run | import-image FILE.tar NAME]";
 
 pub fn main() -> ExitCode {
+    // Started by the containerd shim, with only CONTAINER_ID and CONTAINER_NAMESPACE set: no
+    // configuration, no telemetry (see `log_driver`).
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some(crate::log_driver::SUBCOMMAND) {
+        return crate::log_driver::main(&all[1..]);
+    }
     let mut config_path: Option<PathBuf> = std::env::var_os("INSTAPOD_AGENT_CONFIG").map(PathBuf::from);
     let mut positional = Vec::new();
     let mut args = std::env::args().skip(1);

@@ -50,6 +50,10 @@ pub struct Config {
     pub log_max_bytes: u64,
     /// Rotated log files kept per pod. Default 3.
     pub log_keep: u32,
+    /// The program the containerd shim starts as each pod's log driver (run as
+    /// `<program> log-driver FILE`, see `log_driver.rs`). Default (empty): this agent's own
+    /// binary.
+    pub log_driver: PathBuf,
     /// Where `/metrics` and `/healthz` are served. Default `127.0.0.1:9101`.
     pub metrics_listen: SocketAddr,
     /// Where the HTTP ingress (the reverse proxy to pods, routed by `Host`) listens. Default
@@ -135,6 +139,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             log_max_bytes: 10 * 1024 * 1024,
             log_keep: 3,
+            log_driver: PathBuf::new(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
             ingress_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             ingress_advertise: None,

@@ -17,6 +17,8 @@ pub mod fleet;
 pub mod image;
 pub mod ingress;
 pub mod jobs;
+pub mod log_driver;
+pub mod log_reader;
 pub mod logs;
 pub mod metrics;
 pub mod network;

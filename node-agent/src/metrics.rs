@@ -8,6 +8,7 @@
 //!   than not-found/already-exists
 //! - `instapod_node_agent_image_pulls_total`, `instapod_node_agent_image_pull_bytes_total`,
 //!   `instapod_node_agent_image_reuses_total`
+//! - `instapod_node_agent_log_followers` — log readers following a pod's log now (gauge)
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

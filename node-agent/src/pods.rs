@@ -16,6 +16,7 @@
 //!   the job system, which retries with backoff.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
@@ -101,12 +102,14 @@ pub enum PodError {
     Storage(#[from] std::io::Error),
 }
 
-/// The limits the node accepts for one pod.
-#[derive(Debug, Clone, Copy)]
+/// The limits the node accepts for one pod, and how its log is written.
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max: Resources,
     pub log_max_bytes: u64,
     pub log_keep: u32,
+    /// The log driver program (`None`: raw `file://` logs, without timestamps or streams).
+    pub log_driver: Option<PathBuf>,
 }
 
 /// Runtime state of a pod that is not saved.
@@ -310,6 +313,21 @@ impl Pods {
         *self.inner.records.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
         self.inner.records_version.fetch_add(1, Ordering::Release);
         Ok(count)
+    }
+
+    /// Whether pod `id` is on this node and not being deleted (what a log follower polls).
+    pub fn hosts(&self, id: Uuid) -> bool {
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|record| record.desired != Desired::Deleted)
+    }
+
+    /// Rotated log files kept per pod.
+    pub fn log_keep(&self) -> u32 {
+        self.inner.limits.log_keep
     }
 
     pub fn record(&self, id: Uuid) -> Option<PodRecord> {
@@ -719,7 +737,7 @@ impl Pods {
                     .await?
             }
         }
-        let log = self.inner.dirs.log(id);
+        let log = crate::log_driver::log_uri(self.inner.limits.log_driver.as_deref(), &self.inner.dirs.log(id));
         match self.inner.runtime.task_state(&cid).await? {
             Some(TaskState::Running) | Some(TaskState::Paused) => return Ok(()),
             Some(TaskState::Created) => {}

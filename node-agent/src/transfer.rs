@@ -1,5 +1,6 @@
 //! Volume transfers between nodes, for clones and moves: the peer endpoint that streams a pod's
-//! volume to another node (`peer_listen`), the grants that say which one-time tokens it
+//! volume to another node (`peer_listen`; it also serves pod logs to the control plane, see
+//! `log_reader.rs`), the grants that say which one-time tokens it
 //! accepts, and the receiving side that pulls, unpacks and verifies a volume before its pod
 //! starts.
 //!
@@ -257,9 +258,9 @@ fn send_volume(root: &Path, tx: mpsc::Sender<io::Result<Bytes>>) {
     }
 }
 
-type PeerBody = BoxBody<Bytes, io::Error>;
+pub(crate) type PeerBody = BoxBody<Bytes, io::Error>;
 
-fn plain(status: StatusCode, message: &str) -> Response<PeerBody> {
+pub(crate) fn plain(status: StatusCode, message: &str) -> Response<PeerBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(format!("{message}\n")))
             .map_err(|never| match never {})
@@ -272,6 +273,12 @@ fn plain(status: StatusCode, message: &str) -> Response<PeerBody> {
 /// Answers one peer request.
 async fn answer(pods: Pods, request: Request<Incoming>) -> Response<PeerBody> {
     let path = request.uri().path();
+    if let Some(id) = path.strip_prefix("/v1/logs/") {
+        let Ok(pod_id) = id.parse::<Uuid>() else {
+            return plain(StatusCode::NOT_FOUND, "not found");
+        };
+        return crate::log_reader::answer(&pods, pod_id, &request).await;
+    }
     let Some(pod_id) = path.strip_prefix("/v1/volumes/").and_then(|id| id.parse::<Uuid>().ok()) else {
         return plain(StatusCode::NOT_FOUND, "not found");
     };

@@ -72,6 +72,9 @@ impl NodeSettings {
             ingress_listen: ([127, 0, 0, 1], self.ingress_port).into(),
             peer_listen: ([127, 0, 0, 1], self.peer_port).into(),
             dns_servers: vec![self.gateway()],
+            // In-process agents (`TestNode`) run inside a test binary: the shim must start the
+            // real agent binary as the log driver.
+            log_driver: agent_binary(),
             ..Config::default()
         };
         config.network.bridge = self.bridge.clone();

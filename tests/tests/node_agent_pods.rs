@@ -425,7 +425,8 @@ async fn restart_policy_always_restarts_after_exits_and_logs_survive_restarts() 
         let log = log.clone();
         async move {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let runs = text.lines().filter(|l| l.starts_with("run-")).count();
+            // One record per line: `<timestamp> stdout F run-…` (the agent's log driver).
+            let runs = text.lines().filter(|l| l.contains(" stdout F run-")).count();
             anyhow::ensure!(runs >= 3, "{runs} runs so far");
             Ok(runs)
         }

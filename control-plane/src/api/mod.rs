@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod internal;
+pub mod logs;
 pub mod pages;
 pub mod platform;
 pub mod pods;

@@ -58,7 +58,8 @@ fn api_router() -> Router {
         .push(Router::with_path("pods/{name}/resize").post(api::pods::resize))
         .push(Router::with_path("pods/{name}/clone").post(api::pods::clone))
         .push(Router::with_path("pods/{name}/preset").get(api::pods::preset))
-        .push(Router::with_path("pods/{name}/events").get(api::pods::events));
+        .push(Router::with_path("pods/{name}/events").get(api::pods::events))
+        .push(Router::with_path("pods/{name}/logs").get(api::logs::logs));
     Router::with_path("api").push(public).push(authenticated)
 }
 

@@ -22,6 +22,8 @@ pub struct AppState {
     pub pod_queue: Arc<crate::pods::queue::PodQueue>,
     /// The fleet's ingress routes, shared by every agent's request.
     pub ingress_routes: Arc<crate::nodes::routes::RouteCache>,
+    /// The client that reads pod logs from the agents' peer endpoints.
+    pub node_http: reqwest::Client,
 }
 
 /// The state, which the router always injects.

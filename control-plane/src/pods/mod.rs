@@ -1,6 +1,8 @@
 //! Pods: the state machine ([`state`]), storage with quota, actions, events and reports
-//! ([`store`]), input checks ([`validate`]) and the scheduler's queue ([`queue`]).
+//! ([`store`]), input checks ([`validate`]), the scheduler's queue ([`queue`]) and reading logs
+//! from the pod's node ([`logs`]).
 
+pub mod logs;
 pub mod queue;
 pub mod state;
 pub mod store;

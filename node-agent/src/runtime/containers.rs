@@ -3,12 +3,12 @@
 //! *Design.* A pod is one container whose id is the pod id and whose labels name the pod and
 //! its generation, so the agent can find everything it owns by listing its namespace. The OCI
 //! runtime spec travels as JSON inside a protobuf `Any` (containerd's typeurl for runtime-spec
-//! types). The task's stdout and stderr go to a `file://` URI: the runc shim appends both to
-//! that host file itself, so logs survive agent restarts. Deleting what does not exist is not
+//! types). The task's stdout and stderr go to a `binary://` URI: the runc shim starts the agent
+//! binary as its log driver (`log_driver.rs`), which appends timestamped lines to the pod's log
+//! file and, as the shim's child, survives agent restarts. Deleting what does not exist is not
 //! an error (every operation here may be retried).
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use containerd_client::events::{TaskExit, TaskOom};
 use containerd_client::services::v1::container::Runtime as ContainerRuntime;
@@ -190,9 +190,10 @@ impl Runtime {
         }
     }
 
-    /// Creates the task of container `id` on `rootfs`, its output appended to `log_file`.
-    pub async fn create_task(&self, id: &str, rootfs: Vec<Mount>, log_file: &Path) -> Result<u32, RuntimeError> {
-        let uri = format!("file://{}", log_file.display());
+    /// Creates the task of container `id` on `rootfs`, its stdout and stderr sent to `log_uri`
+    /// (see [`crate::log_driver::log_uri`]).
+    pub async fn create_task(&self, id: &str, rootfs: Vec<Mount>, log_uri: &str) -> Result<u32, RuntimeError> {
+        let uri = log_uri.to_string();
         let response = TasksClient::new(self.channel())
             .create(self.request(CreateTaskRequest {
                 container_id: id.to_string(),
