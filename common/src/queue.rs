@@ -60,6 +60,47 @@ impl PollStrategy for PollEvery {
     }
 }
 
+/// Removes up to `batch` finished jobs' leftovers at a time from queue `name`, until none are
+/// left; returns how many jobs it swept.
+///
+/// apalis-redis keeps every finished job's payload (in the queue's data hash), its metadata
+/// (one hash per job) and its id (in the "done" set, read only by its statistics) for ever:
+/// Redis would grow with every job the platform ever ran. Only jobs in the done set are swept
+/// — they finished successfully and nothing reads them again; failed jobs waiting for a retry
+/// and dead jobs are left alone (apalis-redis's own `vacuum` also deletes `Failed` jobs, whose
+/// retries would then find no payload).
+pub async fn sweep_done(
+    conn: &mut impl apalis_redis::ConnectionLike,
+    name: &str,
+    batch: usize,
+) -> Result<usize, apalis_redis::RedisError> {
+    let config = config(name);
+    let script = redis::Script::new(
+        r"
+        local ids = redis.call('SPOP', KEYS[1], tonumber(ARGV[1]))
+        for _, id in ipairs(ids) do
+            redis.call('HDEL', KEYS[2], id)
+            redis.call('DEL', KEYS[3] .. ':' .. id)
+        end
+        return #ids",
+    );
+    let batch = batch.max(1);
+    let mut swept = 0;
+    loop {
+        let n: usize = script
+            .key(config.done_jobs_set())
+            .key(config.job_data_hash())
+            .key(config.job_meta_hash())
+            .arg(batch)
+            .invoke_async(conn)
+            .await?;
+        swept += n;
+        if n < batch {
+            return Ok(swept);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

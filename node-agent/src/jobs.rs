@@ -21,6 +21,9 @@ use crate::pods::{Outcome, PodError, Pods};
 /// Attempts after the first for a job that fails transiently.
 const RETRIES: usize = 8;
 
+/// How often finished jobs are swept from Redis.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 async fn handle(job: NodeJob, pods: Data<Pods>) -> Result<(), BoxDynError> {
     let started = Instant::now();
     let operation = job.operation();
@@ -51,6 +54,7 @@ async fn handle(job: NodeJob, pods: Data<Pods>) -> Result<(), BoxDynError> {
 /// Consumes `node:<node_id>` until the worker stops (Redis gone: returns the error).
 pub async fn run(redis_url: &str, node_id: Uuid, pods: Pods, concurrency: usize) -> Result<(), BoxDynError> {
     let conn = apalis_redis::connect(redis_url).await?;
+    let conn_for_sweep = conn.clone();
     // apalis-redis fetches from an empty queue only on its heartbeat (30 s) unless told to
     // poll: a job must start within a fraction of a second.
     let storage = RedisStorage::<NodeJob>::new(conn)
@@ -71,6 +75,23 @@ pub async fn run(redis_url: &str, node_id: Uuid, pods: Pods, concurrency: usize)
         .concurrency(concurrency)
         .data(pods)
         .build(handle);
-    worker.run().await?;
+    // Finished jobs' leftovers in Redis (see `instapod_common::queue::sweep_done`), every
+    // `SWEEP_EVERY` while the consumer runs.
+    let mut sweeper = conn_for_sweep;
+    let queue = node_queue(node_id);
+    let sweep = async move {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            match instapod_common::queue::sweep_done(&mut sweeper, &queue, 500).await {
+                Ok(0) => {}
+                Ok(swept) => tracing::debug!(swept, "finished jobs swept from Redis"),
+                Err(err) => tracing::warn!(error = %err, "sweeping finished jobs failed"),
+            }
+        }
+    };
+    tokio::select! {
+        ran = worker.run() => ran?,
+        () = sweep => {}
+    }
     Ok(())
 }

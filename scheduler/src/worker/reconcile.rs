@@ -24,6 +24,9 @@ use super::Context;
 /// Most pods enqueued per pass.
 const BATCH: i64 = 1000;
 
+/// Finished jobs swept from Redis per script call.
+const SWEEP_BATCH: usize = 500;
+
 pub async fn run(ctx: Context, mut shutdown: watch::Receiver<bool>) {
     let interval = Duration::from_secs(ctx.config.reconcile_interval_secs.max(1));
     loop {
@@ -42,6 +45,12 @@ pub async fn pass(ctx: &Context) -> anyhow::Result<usize> {
     // Clones and moves whose pod runs now: end them (a move's old copy is deleted).
     if let Err(err) = super::transfer::complete(ctx).await {
         tracing::warn!(error = %err, "ending volume transfers failed");
+    }
+    // Finished pod jobs' leftovers in Redis (see `instapod_common::queue::sweep_done`).
+    match instapod_common::queue::sweep_done(&mut ctx.redis.clone(), PODS_QUEUE, SWEEP_BATCH).await {
+        Ok(0) => {}
+        Ok(swept) => tracing::debug!(swept, "finished pod jobs swept from Redis"),
+        Err(err) => tracing::warn!(error = %err, "sweeping finished pod jobs failed"),
     }
     let client = ctx.db.get().await?;
     let lost = client
