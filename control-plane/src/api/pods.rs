@@ -170,6 +170,20 @@ fn not_found(name: &str) -> ApiError {
 }
 
 /// List your team's pods
+/// `region` if it exists and is available, else 400 `unknown_region`.
+async fn available_region(client: &deadpool_postgres::Client, region: &str) -> Result<String, ApiError> {
+    client
+        .query_opt("SELECT id FROM regions WHERE id = $1 AND available", &[&region])
+        .await?
+        .map(|r| r.get::<_, String>(0))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "unknown_region",
+                format!("no available region {region:?} (see GET /api/regions)"),
+            )
+        })
+}
+
 #[endpoint(tags("pods"))]
 pub async fn list(depot: &mut Depot) -> Result<Json<PodList>, ApiError> {
     let state = app(depot);
@@ -295,16 +309,7 @@ pub async fn create(req: &mut Request, depot: &mut Depot) -> Result<Accepted<Pod
         .await?
         .ok_or_else(|| ApiError::bad_request("unknown_plan", format!("no plan {plan_id:?} (see GET /api/plans)")))?;
     let region = match &body.region {
-        Some(region) => client
-            .query_opt("SELECT id FROM regions WHERE id = $1 AND available", &[region])
-            .await?
-            .map(|r| r.get::<_, String>(0))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "unknown_region",
-                    format!("no available region {region:?} (see GET /api/regions)"),
-                )
-            })?,
+        Some(region) => available_region(&client, region).await?,
         None => client
             .query_one(
                 "SELECT id FROM regions WHERE available ORDER BY sort_order, id LIMIT 1",
@@ -386,16 +391,7 @@ pub async fn clone(
         .ok_or_else(|| not_found(&name))?;
     let client = db::connect(&state.db).await?;
     let region = match &body.region {
-        Some(region) => client
-            .query_opt("SELECT id FROM regions WHERE id = $1 AND available", &[region])
-            .await?
-            .map(|r| r.get::<_, String>(0))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "unknown_region",
-                    format!("no available region {region:?} (see GET /api/regions)"),
-                )
-            })?,
+        Some(region) => available_region(&client, region).await?,
         None => source.region.clone(),
     };
     let slug: String = client
