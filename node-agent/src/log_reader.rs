@@ -260,12 +260,7 @@ pub async fn answer(pods: &Pods, pod_id: Uuid, request: &Request<Incoming>) -> R
     if request.method() != hyper::Method::GET {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET");
     }
-    let token = request
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let Some(token) = token else {
+    let Some(token) = crate::transfer::bearer(request) else {
         return plain(StatusCode::UNAUTHORIZED, "a logs token is required");
     };
     // The credentials the agent saved at its last join (a rejoin rewrites the file).

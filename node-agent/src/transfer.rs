@@ -260,6 +260,15 @@ fn send_volume(root: &Path, tx: mpsc::Sender<io::Result<Bytes>>) {
 
 pub(crate) type PeerBody = BoxBody<Bytes, io::Error>;
 
+/// The bearer token of a request to the peer endpoint, if any.
+pub(crate) fn bearer<B>(request: &Request<B>) -> Option<&str> {
+    request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
 pub(crate) fn plain(status: StatusCode, message: &str) -> Response<PeerBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(format!("{message}\n")))
@@ -285,12 +294,7 @@ async fn answer(pods: Pods, request: Request<Incoming>) -> Response<PeerBody> {
     if request.method() != hyper::Method::GET {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET");
     }
-    let token = request
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .filter(|t| t.starts_with(TOKEN_PREFIX));
+    let token = bearer(&request).filter(|t| t.starts_with(TOKEN_PREFIX));
     let Some(token) = token else {
         return plain(StatusCode::UNAUTHORIZED, "a transfer token is required");
     };
