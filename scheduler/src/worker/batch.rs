@@ -230,12 +230,7 @@ async fn place_batch(ctx: &Context, ids: &[Uuid]) -> Result<HashMap<Uuid, Uuid>,
             refused.push((node_id, need, None));
             continue;
         };
-        let qualifies = node.healthy
-            && request.region.as_ref().is_none_or(|wanted| *wanted == node.region)
-            && request
-                .required_labels
-                .iter()
-                .all(|(key, value)| node.labels.get(key) == Some(value));
+        let qualifies = converge::qualifies(&request, node_id, node.healthy, &node.region, &node.labels);
         let after = Capacity {
             cpu_millis: node.used.cpu_millis + need.cpu_millis,
             memory_bytes: node.used.memory_bytes + need.memory_bytes,

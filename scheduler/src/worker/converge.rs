@@ -52,6 +52,20 @@ struct Placer {
 }
 
 impl Snapshot {
+    /// Makes the snapshot's view of `node` reserve exactly `used` (what its row lock showed).
+    fn set_reserved(&mut self, node: Uuid, used: Capacity) {
+        let seen = self
+            .index
+            .nodes()
+            .iter()
+            .find(|view| view.id == node)
+            .map(|view| view.reserved);
+        if let Some(seen) = seen {
+            let _ = self.index.release(node, seen);
+            let _ = self.index.reserve(node, used);
+        }
+    }
+
     /// The snapshot's choice for `request`, preferring nodes without an assignment of this
     /// process in flight (one would only wait for that assignment's lock); such a node is
     /// chosen when nothing else fits.
@@ -271,18 +285,7 @@ pub(super) fn forget_choices(ctx: &Context, refused: &[(Uuid, Capacity, Option<C
         };
         for (node, reserved, used) in refused {
             match used {
-                Some(used) => {
-                    let seen = snapshot
-                        .index
-                        .nodes()
-                        .iter()
-                        .find(|view| view.id == *node)
-                        .map(|view| view.reserved);
-                    if let Some(seen) = seen {
-                        let _ = snapshot.index.release(*node, seen);
-                        let _ = snapshot.index.reserve(*node, *used);
-                    }
-                }
+                Some(used) => snapshot.set_reserved(*node, *used),
                 None => {
                     let _ = snapshot.index.release(*node, *reserved);
                     // Gone, unhealthy or relabelled: read the fleet again before the next choice.
@@ -362,18 +365,8 @@ async fn place_pod(
                 // Another placement (of this process or another scheduler) took the room the
                 // snapshot saw: correct the node's view with what the lock showed, choose again.
                 with_placer(key, |placer| {
-                    let Some(snapshot) = placer.snapshot.as_mut() else {
-                        return;
-                    };
-                    let seen = snapshot
-                        .index
-                        .nodes()
-                        .iter()
-                        .find(|node| node.id == placement.node_id)
-                        .map(|node| node.reserved);
-                    if let Some(seen) = seen {
-                        let _ = snapshot.index.release(placement.node_id, seen);
-                        let _ = snapshot.index.reserve(placement.node_id, used);
+                    if let Some(snapshot) = placer.snapshot.as_mut() {
+                        snapshot.set_reserved(placement.node_id, used);
                     }
                 });
             }
@@ -388,6 +381,24 @@ async fn place_pod(
         "pod {}: {MAX_CHOICES} nodes chosen in a row lost their room before they could be locked",
         pod.id
     )))
+}
+
+/// Whether a node, as its locked row shows it, may take `request` (health, region, labels,
+/// not the excluded node); room is checked separately.
+pub(super) fn qualifies(
+    request: &PlacementRequest,
+    node_id: Uuid,
+    healthy: bool,
+    region: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    healthy
+        && request.region.as_deref().is_none_or(|wanted| wanted == region)
+        && request
+            .required_labels
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+        && request.exclude_node != Some(node_id)
 }
 
 /// What [`assign`] did.
@@ -422,14 +433,7 @@ async fn assign(
         (node.get(0), node.get(1), node.get(2), node.get(3));
     let (cpu, memory, disk): (i64, i64, i64) = (node.get(4), node.get(5), node.get(6));
     let labels: BTreeMap<String, String> = serde_json::from_value(labels).unwrap_or_default();
-    let qualifies = healthy
-        && request.region.as_ref().is_none_or(|wanted| *wanted == region)
-        && request
-            .required_labels
-            .iter()
-            .all(|(key, value)| labels.get(key) == Some(value))
-        && request.exclude_node != Some(node_id);
-    if !qualifies {
+    if !qualifies(request, node_id, healthy, &region, &labels) {
         return Ok(Assigned::Unqualified);
     }
     // This statement starts after the lock is held, so it sees every placement committed on
