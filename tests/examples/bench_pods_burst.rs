@@ -175,16 +175,7 @@ async fn create_and_wait(client: &Client, names: &[String], image: &str, plan: &
 /// The agent's job counters from its `/metrics`: (jobs by `operation/outcome`, handler
 /// seconds summed by the same key).
 async fn agent_jobs(metrics_port: u16) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
-    let client = instapod_tests::http_builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let text = client
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = instapod_tests::node::agent_metrics(metrics_port).await?;
     let mut jobs = BTreeMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("instapod_node_agent_operation_duration_seconds_") else {

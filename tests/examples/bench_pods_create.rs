@@ -133,16 +133,7 @@ struct PodRound {
 
 /// The sum of the agent's `ensure_running` handler times so far, and their count.
 async fn handler_seconds(metrics_port: u16) -> anyhow::Result<(f64, f64)> {
-    let client = instapod_tests::http_builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let text = client
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = instapod_tests::node::agent_metrics(metrics_port).await?;
     let mut sum = 0.0;
     let mut count = 0.0;
     for line in text.lines() {

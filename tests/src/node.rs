@@ -334,3 +334,18 @@ pub fn agent_binary() -> PathBuf {
     );
     binary
 }
+
+/// The text of a node agent's `/metrics` on `127.0.0.1:metrics_port`.
+pub async fn agent_metrics(metrics_port: u16) -> anyhow::Result<String> {
+    let client = crate::http_builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    Ok(client
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}

@@ -122,17 +122,9 @@ async fn wait_for(host: &str, ingress: SocketAddr, path: &str, status: u16, text
 
 /// The agent's `instapod_node_agent_ingress_requests_total` for `outcome`.
 async fn ingress_requests(fleet: &Fleet, index: usize, outcome: &str) -> f64 {
-    let metrics = instapod_tests::http_builder()
-        .no_proxy()
-        .build()
-        .expect("client")
-        .get(format!("http://127.0.0.1:{}/metrics", fleet.nodes[index].metrics_port))
-        .send()
+    let metrics = instapod_tests::node::agent_metrics(fleet.nodes[index].metrics_port)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+        .expect("metrics");
     let prefix = format!("instapod_node_agent_ingress_requests_total{{outcome=\"{outcome}\"}} ");
     metrics
         .lines()

@@ -350,15 +350,9 @@ async fn next_lines((body, buffer): &mut (Body, Vec<u8>), n: usize) -> Vec<Value
 
 /// The node's `instapod_node_agent_log_followers` gauge.
 async fn followers(metrics_port: u16) -> u64 {
-    let http = instapod_tests::http_builder().no_proxy().build().expect("client");
-    let text = http
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .send()
+    let text = instapod_tests::node::agent_metrics(metrics_port)
         .await
-        .expect("the agent's metrics")
-        .text()
-        .await
-        .expect("metrics text");
+        .expect("the agent's metrics");
     text.lines()
         .find_map(|l| l.strip_prefix("instapod_node_agent_log_followers "))
         .map(|v| v.trim().parse::<f64>().expect("a number") as u64)
