@@ -56,7 +56,7 @@ use anyhow::{Context, bail, ensure};
 use instapod_tests::ctr_baseline::CtrBaseline;
 use instapod_tests::fleet::{Fleet, FleetOptions};
 use instapod_tests::node::web_image;
-use instapod_tests::{Client, TestUser, ids, register_and_login};
+use instapod_tests::{Client, TestUser, ids, scale_user};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -358,17 +358,7 @@ async fn main() -> anyhow::Result<()> {
         .quiet_logs()
         .scheduler_env("INSTAPOD_SCHEDULER_RECONCILE_INTERVAL_SECS", "5");
     let fleet = Fleet::start(options).await;
-    let user = register_and_login(&fleet.cp).await;
-    fleet
-        .cp
-        .db()
-        .await
-        .execute(
-            "UPDATE teams SET plan_id = 'scale' WHERE id = $1::text::uuid",
-            &[&user.personal_team_id],
-        )
-        .await
-        .context("the team's plan")?;
+    let user = scale_user(&fleet.cp).await;
     let image = web_image().await;
     let baseline = CtrBaseline::pull(&image, MEMORY_BYTES, CPU_MILLIS)?;
 

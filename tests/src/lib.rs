@@ -53,7 +53,8 @@ pub use redis::RedisServer;
 pub use registry::Registry;
 pub use smtp::SmtpSink;
 pub use users::{
-    Registration, TestUser, login, register_and_login, register_and_login_as, register_user, string_field, verify_email,
+    Registration, TestUser, login, register_and_login, register_and_login_as, register_user, scale_user, string_field,
+    verify_email,
 };
 
 /// A reqwest client builder. reqwest is built with rustls but no bundled crypto provider (the

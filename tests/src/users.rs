@@ -93,6 +93,22 @@ pub async fn register_and_login(control_plane: &ControlPlane) -> TestUser {
     register_and_login_as(control_plane, "user", false).await
 }
 
+/// Registers and logs in a new user whose personal team is on the `scale` plan (room for many
+/// pods).
+pub async fn scale_user(control_plane: &ControlPlane) -> TestUser {
+    let user = register_and_login(control_plane).await;
+    control_plane
+        .db()
+        .await
+        .execute(
+            "UPDATE teams SET plan_id = 'scale' WHERE id = $1::text::uuid",
+            &[&user.personal_team_id],
+        )
+        .await
+        .expect("upgrade the plan");
+    user
+}
+
 /// Registers a new user whose email starts with `label`, verifies the email when asked, and
 /// logs in.
 pub async fn register_and_login_as(control_plane: &ControlPlane, label: &str, verify: bool) -> TestUser {

@@ -15,7 +15,7 @@ use anyhow::ensure;
 use instapod_tests::fleet::{Fleet, FleetOptions};
 use instapod_tests::images::ImageBuilder;
 use instapod_tests::node::web_image;
-use instapod_tests::{ControlPlane, TestUser, eventually, ids, register_and_login, registry};
+use instapod_tests::{TestUser, eventually, ids, registry, scale_user};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -23,19 +23,6 @@ use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(90);
 const BODY: usize = 8 << 20;
-
-/// A user whose personal team is on the `scale` plan (room for the test's pods).
-async fn user(cp: &ControlPlane) -> TestUser {
-    let user = register_and_login(cp).await;
-    let db = cp.db().await;
-    db.execute(
-        "UPDATE teams SET plan_id = 'scale' WHERE id = $1::text::uuid",
-        &[&user.personal_team_id],
-    )
-    .await
-    .expect("upgrade the plan");
-    user
-}
 
 async fn create(user: &TestUser, body: Value) -> Value {
     user.client().post_json("/api/pods", &body).await.json_with_status(202)
@@ -164,7 +151,7 @@ async fn upgrade_image() -> String {
 #[tokio::test]
 async fn any_node_serves_every_pod_and_stale_routes_do_not_loop() {
     let fleet = Fleet::start(FleetOptions::regions(["local", "local"])).await;
-    let user = user(&fleet.cp).await;
+    let user = scale_user(&fleet.cp).await;
     let (image, ws_image) = tokio::join!(web_image(), upgrade_image());
     create(
         &user,

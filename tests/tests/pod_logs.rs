@@ -12,7 +12,7 @@ use anyhow::ensure;
 use futures_util::StreamExt;
 use instapod_tests::fleet::{Fleet, FleetOptions};
 use instapod_tests::images::ImageBuilder;
-use instapod_tests::{ControlPlane, TestUser, eventually, ids, register_and_login, registry};
+use instapod_tests::{TestUser, eventually, ids, registry, scale_user};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -29,20 +29,6 @@ async fn fleet() -> Fleet {
             .agent_env("INSTAPOD_AGENT_LOG_KEEP", "3"),
     )
     .await
-}
-
-/// A user whose personal team is on the `scale` plan.
-async fn scale_user(cp: &ControlPlane) -> TestUser {
-    let user = register_and_login(cp).await;
-    cp.db()
-        .await
-        .execute(
-            "UPDATE teams SET plan_id = 'scale' WHERE id = $1::text::uuid",
-            &[&user.personal_team_id],
-        )
-        .await
-        .expect("upgrade the plan");
-    user
 }
 
 /// A busybox image whose default command is `sh` (no entrypoint), pushed once per binary.

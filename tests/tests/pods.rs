@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::ensure;
 use instapod_tests::node::{CleanupGuard, NodeSettings, spawn_agent, web_image};
 use instapod_tests::scheduler::Scheduler;
-use instapod_tests::{ControlPlane, ControlPlaneOptions, TestUser, eventually, redis, register_and_login};
+use instapod_tests::{ControlPlane, ControlPlaneOptions, TestUser, eventually, redis, register_and_login, scale_user};
 use serde_json::{Value, json};
 
 const JOIN_TOKEN: &str = "pods-test-join-token-0123456789abcdef";
@@ -94,19 +94,6 @@ async fn fleet() -> Fleet {
     }
 }
 
-/// A user whose personal team is on the `scale` plan (room for the tests' pods).
-async fn user(cp: &ControlPlane) -> TestUser {
-    let user = register_and_login(cp).await;
-    let db = cp.db().await;
-    db.execute(
-        "UPDATE teams SET plan_id = 'scale' WHERE id = $1::text::uuid",
-        &[&user.personal_team_id],
-    )
-    .await
-    .expect("upgrade the plan");
-    user
-}
-
 async fn pod(user: &TestUser, name: &str) -> Value {
     user.client()
         .get(&format!("/api/pods/{name}"))
@@ -148,7 +135,7 @@ async fn http_ok(ip: &str) -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_pod_goes_through_its_whole_lifecycle_on_real_nodes() {
     let fleet = fleet().await;
-    let user = user(&fleet.cp).await;
+    let user = scale_user(&fleet.cp).await;
     let image = web_image().await;
     let created = user
         .client()
@@ -339,7 +326,7 @@ async fn a_pod_goes_through_its_whole_lifecycle_on_real_nodes() {
 #[tokio::test]
 async fn a_full_fleet_leaves_a_pod_pending_until_a_delete_frees_room() {
     let fleet = fleet().await;
-    let user = user(&fleet.cp).await;
+    let user = scale_user(&fleet.cp).await;
     let image = web_image().await;
     for name in ["one", "two"] {
         user.client()
@@ -477,7 +464,7 @@ async fn bad_requests_are_refused_with_clear_errors_and_quota_holds() {
 #[tokio::test]
 async fn fifty_parallel_actions_on_one_pod_leave_one_consistent_state_and_a_redis_flush_loses_nothing() {
     let fleet = fleet().await;
-    let user = user(&fleet.cp).await;
+    let user = scale_user(&fleet.cp).await;
     let image = web_image().await;
     user.client()
         .post_json(

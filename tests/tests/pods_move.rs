@@ -14,24 +14,12 @@ use apalis_redis::RedisStorage;
 use instapod_common::node::{NodeJob, VolumeSource, node_queue};
 use instapod_tests::fleet::{Fleet, FleetOptions};
 use instapod_tests::node::{pod_spec, web_image};
-use instapod_tests::{TestUser, eventually, register_and_login};
+use instapod_tests::{TestUser, eventually, scale_user};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-async fn user(fleet: &Fleet) -> TestUser {
-    let user = register_and_login(&fleet.cp).await;
-    let db = fleet.cp.db().await;
-    db.execute(
-        "UPDATE teams SET plan_id = 'scale' WHERE id = $1::text::uuid",
-        &[&user.personal_team_id],
-    )
-    .await
-    .expect("upgrade the plan");
-    user
-}
 
 async fn pod(user: &TestUser, name: &str) -> Value {
     user.client()
@@ -190,7 +178,7 @@ async fn tampering_peer() -> String {
 #[tokio::test]
 async fn clones_and_moves_keep_the_volume_across_nodes() {
     let fleet = Fleet::start(FleetOptions::regions(["local", "local"]).allocatable_cpu_millis(600)).await;
-    let user = user(&fleet).await;
+    let user = scale_user(&fleet.cp).await;
     let image = web_image().await;
     user.client()
         .post_json(
