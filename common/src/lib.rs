@@ -8,5 +8,6 @@
 pub mod config;
 pub mod logs;
 pub mod node;
+pub mod pod_metrics;
 pub mod queue;
 pub mod telemetry;

@@ -68,6 +68,15 @@ pub struct Config {
     pub apps_domain: String,
     /// The port of the node ingress in pod URLs (omitted when 80). Default 80.
     pub apps_http_port: u16,
+    /// Seconds pods' raw metric samples are kept (history steps under a minute read them).
+    /// Default 7200 (the API promises one hour; the rest is margin).
+    pub metrics_raw_retention_secs: i64,
+    /// Seconds per-minute metric buckets are kept. Default 90000 (25 hours).
+    pub metrics_minute_retention_secs: i64,
+    /// Seconds per-hour metric buckets are kept. Default 2678400 (31 days).
+    pub metrics_hour_retention_secs: i64,
+    /// Seconds between two passes of the metrics retention worker. Default 60.
+    pub metrics_retention_interval_secs: u64,
 }
 
 /// Outgoing mail: verification and password-reset messages.
@@ -108,6 +117,10 @@ impl Default for Config {
             runtime_images: BTreeMap::new(),
             apps_domain: "apps.localhost".to_string(),
             apps_http_port: 80,
+            metrics_raw_retention_secs: 2 * 3_600,
+            metrics_minute_retention_secs: 25 * 3_600,
+            metrics_hour_retention_secs: 31 * 86_400,
+            metrics_retention_interval_secs: 60,
         }
     }
 }
@@ -130,6 +143,16 @@ pub const MIN_JOIN_TOKEN_CHARS: usize = 16;
 const MAX_HEARTBEAT_TIMEOUT_SECS: u64 = 86_400;
 
 impl Config {
+    /// The pod metrics retention, from the four `metrics_*` settings.
+    pub fn metrics_retention(&self) -> crate::pods::metrics::Retention {
+        crate::pods::metrics::Retention {
+            raw_secs: self.metrics_raw_retention_secs,
+            minute_secs: self.metrics_minute_retention_secs,
+            hour_secs: self.metrics_hour_retention_secs,
+            interval: std::time::Duration::from_secs(self.metrics_retention_interval_secs.max(1)),
+        }
+    }
+
     /// Checks what serde cannot; returns every problem found.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
@@ -144,6 +167,17 @@ impl Config {
         }
         if self.database_pool_size == 0 {
             problems.push("database_pool_size must be at least 1".to_string());
+        }
+        if self.metrics_raw_retention_secs < 3_600 {
+            problems.push(
+                "metrics_raw_retention_secs must be at least 3600 (the API serves the last hour raw)".to_string(),
+            );
+        }
+        if self.metrics_minute_retention_secs < 86_400 || self.metrics_hour_retention_secs < 30 * 86_400 {
+            problems.push(
+                "metrics_minute_retention_secs must be at least 86400 and metrics_hour_retention_secs at least 2592000"
+                    .to_string(),
+            );
         }
         if self.session_lookup_connections == 0 {
             problems.push("session_lookup_connections must be at least 1".to_string());

@@ -294,6 +294,19 @@ impl From<crate::nodes::store::RecordReportsError> for ApiError {
     }
 }
 
+impl From<crate::pods::metrics::PodMetricsError> for ApiError {
+    fn from(err: crate::pods::metrics::PodMetricsError) -> Self {
+        use crate::pods::metrics::PodMetricsError;
+        match err {
+            PodMetricsError::NotFound(name) => {
+                ApiError::not_found(format!("no pod named {name:?} in your active team"))
+            }
+            PodMetricsError::InvalidRange(message) => ApiError::validation(message),
+            PodMetricsError::Db(err) => err.into(),
+        }
+    }
+}
+
 impl From<crate::pods::logs::OpenLogsError> for ApiError {
     fn from(err: crate::pods::logs::OpenLogsError) -> Self {
         use crate::pods::logs::OpenLogsError;

@@ -104,6 +104,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
     warn_unknown_runtime_images(&db, &config).await;
+    let retention_task = tokio::spawn(pods::metrics::run_retention(
+        db.clone(),
+        config.metrics_retention(),
+        shutdown_rx.clone(),
+    ));
     let upkeep_task = tokio::spawn(metrics_upkeep(metrics, shutdown_rx));
 
     let acceptor = TcpListener::new(config.listen)
@@ -120,7 +125,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
     server.serve(http::router::service(state)).await;
     let _sent = shutdown_tx.send(true);
-    let _finished = tokio::join!(mail_task, maintenance_task, node_health_task, upkeep_task);
+    let _finished = tokio::join!(
+        mail_task,
+        maintenance_task,
+        node_health_task,
+        retention_task,
+        upkeep_task
+    );
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 //! metrics endpoint and ingress (pods that outlived an agent restart are reachable before the
 //! agent has joined) → join (retried until the control plane answers) → report and heartbeat
 //! loops and the ingress route feed (the other nodes' pods) → a first reconcile (adopt,
-//! restart, remove) → the task-event watcher, the periodic reconcile and log rotation → the job consumer (restarted when Redis goes away). SIGTERM or
+//! restart, remove) → the task-event watcher, the periodic reconcile and log rotation, the pod sampler → the job consumer (restarted when Redis goes away). SIGTERM or
 //! Ctrl-C stops it; pods keep running (they belong to containerd's shims, not to the agent).
 
 use std::sync::Arc;
@@ -101,11 +101,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (pods, reports) = build_pods(&config, runtime.clone(), dirs.clone())?;
     let loaded = pods.load_records()?;
     tracing::info!(records = loaded, socket = %config.containerd_socket.display(), "containerd connected");
+    let samples = crate::sampler::Samples::default();
     {
         let pods = pods.clone();
+        let samples = samples.clone();
         let listen = config.metrics_listen;
         tokio::spawn(async move {
-            if let Err(err) = crate::metrics::serve(listen, handle, pods).await {
+            if let Err(err) = crate::metrics::serve(listen, handle, pods, samples).await {
                 tracing::error!(error = %err, %listen, "metrics endpoint failed");
             }
         });
@@ -143,6 +145,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(watch_events(pods.clone(), shutdown.clone()));
     tokio::spawn(periodic(pods.clone(), config.clone(), shutdown.clone()));
+    if config.metrics_sample_interval_secs > 0 {
+        tokio::spawn(crate::sampler::run(
+            samples,
+            pods.clone(),
+            fleet.clone(),
+            Duration::from_secs(config.metrics_sample_interval_secs),
+            Duration::from_secs(config.disk_usage_interval_secs),
+            shutdown.clone(),
+        ));
+    }
     let jobs = {
         let pods = pods.clone();
         let config = config.clone();

@@ -56,6 +56,12 @@ pub struct Config {
     pub log_driver: PathBuf,
     /// Where `/metrics` and `/healthz` are served. Default `127.0.0.1:9101`.
     pub metrics_listen: SocketAddr,
+    /// Seconds between two samples of every pod's CPU, memory, network and disk (pushed to the
+    /// control plane as the pods' metrics history). 0 turns sampling off. Default 10.
+    pub metrics_sample_interval_secs: u64,
+    /// Seconds between two measurements of a volume's disk usage (a walk of the volume, the
+    /// costly part of sampling); rounds in between reuse the last one. Default 60.
+    pub disk_usage_interval_secs: u64,
     /// Where the HTTP ingress (the reverse proxy to pods, routed by `Host`) listens. Default
     /// `0.0.0.0:80`, as production needs; tests and the local stack set a loopback port.
     pub ingress_listen: SocketAddr,
@@ -141,6 +147,8 @@ impl Default for Config {
             log_keep: 3,
             log_driver: PathBuf::new(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+            metrics_sample_interval_secs: 10,
+            disk_usage_interval_secs: 60,
             ingress_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             ingress_advertise: None,
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 9102)),

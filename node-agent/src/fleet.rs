@@ -115,7 +115,7 @@ impl FleetError {
     }
 
     /// The control plane refused the request itself (not an outage): retrying cannot help.
-    fn is_rejected(&self) -> bool {
+    pub(crate) fn is_rejected(&self) -> bool {
         matches!(self, FleetError::Refused { status, .. } if (400..500).contains(status) && *status != 401 && *status != 429)
     }
 }
@@ -252,6 +252,11 @@ impl Fleet {
             reports: reports.to_vec(),
         };
         self.post_as_node("reports", &batch, "the reports").await
+    }
+
+    /// Pushes a batch of pod samples (the history the control plane keeps).
+    pub async fn push_samples(&self, batch: &instapod_common::pod_metrics::SampleBatch) -> Result<(), FleetError> {
+        self.post_as_node("metrics", batch, "the pod samples").await
     }
 }
 

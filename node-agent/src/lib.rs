@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod network;
 pub mod pods;
 pub mod runtime;
+pub mod sampler;
 pub mod spec;
 pub mod transfer;
 

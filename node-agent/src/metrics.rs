@@ -9,6 +9,12 @@
 //! - `instapod_node_agent_image_pulls_total`, `instapod_node_agent_image_pull_bytes_total`,
 //!   `instapod_node_agent_image_reuses_total`
 //! - `instapod_node_agent_log_followers` — log readers following a pod's log now (gauge)
+//! - `instapod_node_agent_sampling_duration_seconds` — one sampling round (histogram)
+//! - per pod, labelled `pod_id`, from the newest sample (see `sampler::render_prometheus`):
+//!   `instapod_node_agent_pod_cpu_seconds_total`, `…_pod_cpu_limit_cores`,
+//!   `…_pod_memory_bytes`, `…_pod_memory_limit_bytes`, `…_pod_network_receive_bytes_total`,
+//!   `…_pod_network_transmit_bytes_total`, `…_pod_disk_used_bytes`, `…_pod_disk_quota_bytes`,
+//!   `…_pod_pids`
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -19,6 +25,7 @@ use salvo::affix_state;
 use salvo::prelude::*;
 
 use crate::pods::Pods;
+use crate::sampler::Samples;
 
 const STATES: [NodePodState; 6] = [
     NodePodState::Starting,
@@ -57,6 +64,7 @@ pub fn refresh(pods: &Pods) {
 struct MetricsState {
     handle: PrometheusHandle,
     pods: Pods,
+    samples: Samples,
 }
 
 #[handler]
@@ -67,7 +75,11 @@ async fn render_metrics(depot: &mut Depot, res: &mut Response) {
     };
     refresh(&state.pods);
     res.add_header("content-type", "text/plain; version=0.0.4", true).ok();
-    res.render(state.handle.render());
+    // Per-pod series come straight from the newest samples, so a pod that left disappears at
+    // once instead of lingering in the recorder.
+    let mut body = state.handle.render();
+    body.push_str(&crate::sampler::render_prometheus(&state.samples.latest()));
+    res.render(body);
 }
 
 #[handler]
@@ -76,9 +88,9 @@ async fn healthz(res: &mut Response) {
 }
 
 /// Serves until the process ends.
-pub async fn serve(listen: SocketAddr, handle: PrometheusHandle, pods: Pods) -> std::io::Result<()> {
+pub async fn serve(listen: SocketAddr, handle: PrometheusHandle, pods: Pods, samples: Samples) -> std::io::Result<()> {
     let router = Router::new()
-        .hoop(affix_state::inject(MetricsState { handle, pods }))
+        .hoop(affix_state::inject(MetricsState { handle, pods, samples }))
         .push(Router::with_path("metrics").get(render_metrics))
         .push(Router::with_path("healthz").get(healthz));
     let acceptor = TcpListener::new(listen)

@@ -26,13 +26,12 @@
 
 #![allow(clippy::print_stdout, reason = "the report on stdout is what a benchmark is for")]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
-use apalis::prelude::TaskSink;
-use apalis_redis::RedisStorage;
-use instapod_common::node::{NodeJob, PodSpec, node_queue};
+use anyhow::Context;
+use instapod_common::node::{NodeJob, PodSpec};
 use instapod_tests::node::{NodeSettings, agent_binary, pod_spec, spawn_agent, web_image};
+use instapod_tests::standalone_agent::{push_all, status_field, wait_all, wait_joined};
 use instapod_tests::{ControlPlane, ControlPlaneOptions, process, redis};
 use uuid::Uuid;
 
@@ -40,24 +39,6 @@ const JOIN_TOKEN: &str = "bench-memory-join-token-abcdefghijklmnop";
 const PODS: usize = 50;
 const SETTLE: Duration = Duration::from_secs(10);
 const SAMPLES: usize = 5;
-const JOIN_WAIT: Duration = Duration::from_secs(60);
-const PODS_WAIT: Duration = Duration::from_secs(300);
-
-/// A `kB` field of `/proc/<pid>/status`, in bytes.
-fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading the agent's status")?;
-    let line = status
-        .lines()
-        .find(|line| line.starts_with(field))
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .with_context(|| format!("unreadable line {line:?}"))?
-        .parse()
-        .with_context(|| format!("unreadable line {line:?}"))?;
-    Ok(kb * 1024)
-}
 
 /// Waits `SETTLE`, then returns the largest of `SAMPLES` VmRSS readings a second apart.
 async fn settled_rss(pid: u32) -> anyhow::Result<u64> {
@@ -78,74 +59,6 @@ fn mb(bytes: u64) -> String {
         bytes as f64 / 1e6,
         bytes as f64 / f64::from(1 << 20)
     )
-}
-
-async fn push_all(redis_url: &str, node_id: Uuid, jobs: Vec<NodeJob>) -> anyhow::Result<()> {
-    let conn = apalis_redis::connect(redis_url).await.context("redis")?;
-    let mut storage =
-        RedisStorage::<NodeJob>::new(conn).with_config(instapod_common::queue::config(node_queue(node_id)));
-    for job in jobs {
-        storage.push(job).await.context("pushing a job")?;
-    }
-    Ok(())
-}
-
-/// The node's id once its row is `healthy`.
-async fn wait_joined(cp: &ControlPlane, name: &str, log: &std::path::Path) -> anyhow::Result<Uuid> {
-    let deadline = Instant::now() + JOIN_WAIT;
-    let db = cp.db().await;
-    loop {
-        let row = db
-            .query_opt("SELECT id, status FROM nodes WHERE name = $1", &[&name])
-            .await?;
-        if let Some(row) = row
-            && row.get::<_, String>(1) == "healthy"
-        {
-            return Ok(row.get(0));
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the agent did not join within {JOIN_WAIT:?}; its log:\n{}",
-                process::log_tail(log, 30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Waits until the latest report of every pod is `state`; returns how long that took.
-async fn wait_all(cp: &ControlPlane, pods: &[Uuid], state: &str, log: &std::path::Path) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let db = cp.db().await;
-    let ids: Vec<Uuid> = pods.to_vec();
-    loop {
-        let rows = db
-            .query(
-                "SELECT DISTINCT ON (pod_id) pod_id, state FROM pod_reports \
-                 WHERE pod_id = ANY($1) ORDER BY pod_id, id DESC",
-                &[&ids],
-            )
-            .await?;
-        let done = rows.iter().filter(|r| r.get::<_, String>(1) == state).count();
-        if done == pods.len() {
-            return Ok(started.elapsed());
-        }
-        if let Some(failed) = rows.iter().find(|r| r.get::<_, String>(1) == "failed") {
-            bail!(
-                "pod {} failed; agent log:\n{}",
-                failed.get::<_, Uuid>(0),
-                process::log_tail(log, 30)
-            );
-        }
-        if started.elapsed() > PODS_WAIT {
-            bail!(
-                "only {done} of {} pods are {state} after {PODS_WAIT:?}; agent log:\n{}",
-                pods.len(),
-                process::log_tail(log, 30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn small_pod(image: &str) -> PodSpec {

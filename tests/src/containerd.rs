@@ -130,6 +130,11 @@ pub fn config_toml(dir: &Path, socket: &Path) -> String {
 }
 
 impl Containerd {
+    /// The daemon's process id (benchmarks read its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.process.pid().expect("containerd runs while the harness holds it")
+    }
+
     /// Starts a new containerd and waits until its socket accepts connections. Panics with its
     /// log otherwise.
     pub fn start() -> Containerd {

@@ -39,6 +39,7 @@ pub mod redis;
 pub mod registry;
 pub mod scheduler;
 pub mod smtp;
+pub mod standalone_agent;
 pub mod users;
 
 pub use browser::{Browser, StaticPage};

@@ -216,6 +216,15 @@ impl ServiceProcess {
     }
 
     /// The last lines of its log.
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Child::id)
+    }
+
     pub fn log_tail(&self) -> String {
         log_tail(&self.log_path, 50)
     }

@@ -1,5 +1,5 @@
 //! The internal API for node agents, under `/internal` (not part of the public spec or the
-//! OpenAPI document): join, heartbeat, pod reports and the fleet's ingress routes. The bodies are the wire types of
+//! OpenAPI document): join, heartbeat, pod reports, the fleet's ingress routes and pod metric samples. The bodies are the wire types of
 //! `instapod_common::node`; the rules are in `nodes` and in docs/api.md.
 //!
 //! Agents authenticate with `Authorization: Bearer …` only: the fleet's join token for a join,
@@ -8,6 +8,7 @@
 //! in their way, and the session hoop (`require_auth`) is not on these routes.
 
 use instapod_common::node::{Heartbeat, JoinRequest, JoinResponse, ReportBatch, node_queue};
+use instapod_common::pod_metrics::{MAX_SAMPLES_PER_BATCH, SampleBatch};
 use salvo::http::{HeaderValue, StatusCode};
 use salvo::prelude::*;
 use serde::Serialize;
@@ -169,6 +170,43 @@ pub async fn routes(req: &mut Request, depot: &mut Depot, res: &mut Response) ->
         res.render(Json(snapshot.for_node(node.id)));
     }
     Ok(())
+}
+
+/// `POST /internal/nodes/{id}/metrics`: a batch of pod samples (`instapod_common::pod_metrics`).
+/// Samples of pods not placed on this node, older than an hour or from the future are ignored;
+/// a sample already stored (same pod and time) is not counted twice.
+#[handler]
+pub async fn metrics(req: &mut Request, depot: &mut Depot) -> Result<Json<ReportsAnswer>, ApiError> {
+    let node = authenticate_node(req, depot).await?;
+    let body: SampleBatch = json::read_with_limit(req, MAX_NODE_JSON_BODY).await?;
+    if body.samples.len() > MAX_SAMPLES_PER_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_samples",
+            format!(
+                "a batch carries at most {MAX_SAMPLES_PER_BATCH} samples (got {}); send several batches",
+                body.samples.len()
+            ),
+        ));
+    }
+    if let Some(bad) = body.samples.iter().find(|s| {
+        ![
+            s.cpu_seconds_total,
+            s.cpu_cores,
+            s.cpu_limit_cores,
+            s.rx_bytes_per_second,
+            s.tx_bytes_per_second,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0)
+    }) {
+        return Err(ApiError::validation(format!(
+            "the sample of pod {} has a negative or non-finite value",
+            bad.pod_id
+        )));
+    }
+    let accepted = crate::pods::metrics::ingest(&app(depot).db, node.id, &body.samples).await?;
+    Ok(Json(ReportsAnswer { accepted }))
 }
 
 /// The version named by `If-None-Match` (one entity tag, quotes and a weak prefix removed).

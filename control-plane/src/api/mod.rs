@@ -6,6 +6,7 @@ pub mod auth;
 pub mod catalog;
 pub mod internal;
 pub mod logs;
+pub mod metrics;
 pub mod pages;
 pub mod platform;
 pub mod pods;

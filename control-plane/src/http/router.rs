@@ -59,7 +59,9 @@ fn api_router() -> Router {
         .push(Router::with_path("pods/{name}/clone").post(api::pods::clone))
         .push(Router::with_path("pods/{name}/preset").get(api::pods::preset))
         .push(Router::with_path("pods/{name}/events").get(api::pods::events))
-        .push(Router::with_path("pods/{name}/logs").get(api::logs::logs));
+        .push(Router::with_path("pods/{name}/logs").get(api::logs::logs))
+        .push(Router::with_path("pods/{name}/metrics").get(api::metrics::current))
+        .push(Router::with_path("pods/{name}/metrics/history").get(api::metrics::history));
     Router::with_path("api").push(public).push(authenticated)
 }
 
@@ -70,6 +72,7 @@ fn internal_router() -> Router {
         .push(Router::with_path("{id}/heartbeat").post(api::internal::heartbeat))
         .push(Router::with_path("{id}/reports").post(api::internal::reports))
         .push(Router::with_path("{id}/routes").get(api::internal::routes))
+        .push(Router::with_path("{id}/metrics").post(api::internal::metrics))
 }
 
 fn platform_router() -> Router {

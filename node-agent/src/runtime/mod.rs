@@ -18,6 +18,7 @@ pub mod containers;
 pub mod content;
 mod error;
 pub mod images;
+pub mod stats;
 
 use std::path::Path;
 
