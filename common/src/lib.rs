@@ -6,8 +6,10 @@
 //! both sides of a queue or an HTTP call compile against one definition.
 
 pub mod config;
+pub mod files;
 pub mod logs;
 pub mod node;
 pub mod pod_metrics;
+pub mod peer_token;
 pub mod queue;
 pub mod telemetry;

@@ -77,6 +77,10 @@ pub struct Config {
     pub metrics_hour_retention_secs: i64,
     /// Seconds between two passes of the metrics retention worker. Default 60.
     pub metrics_retention_interval_secs: u64,
+    /// The largest request body of a file upload (`POST /api/pods/{name}/files/upload`), in
+    /// bytes; larger uploads are refused with 413 and nothing is kept. The pod's disk limits
+    /// uploads too (507). Default 1073741824 (1 GiB).
+    pub files_max_upload_bytes: u64,
 }
 
 /// Outgoing mail: verification and password-reset messages.
@@ -121,6 +125,7 @@ impl Default for Config {
             metrics_minute_retention_secs: 25 * 3_600,
             metrics_hour_retention_secs: 31 * 86_400,
             metrics_retention_interval_secs: 60,
+            files_max_upload_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -181,6 +186,9 @@ impl Config {
         }
         if self.session_lookup_connections == 0 {
             problems.push("session_lookup_connections must be at least 1".to_string());
+        }
+        if self.files_max_upload_bytes == 0 {
+            problems.push("files_max_upload_bytes must be at least 1".to_string());
         }
         if self.session_ttl_hours == 0 {
             problems.push("session_ttl_hours must be at least 1".to_string());

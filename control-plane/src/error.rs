@@ -328,3 +328,33 @@ impl From<crate::pods::logs::OpenLogsError> for ApiError {
         }
     }
 }
+
+impl From<crate::pods::files::ForwardFilesError> for ApiError {
+    fn from(err: crate::pods::files::ForwardFilesError) -> Self {
+        use crate::pods::files::ForwardFilesError;
+        match err {
+            ForwardFilesError::NotFound(name) => {
+                ApiError::not_found(format!("no pod named {name:?} in your active team"))
+            }
+            ForwardFilesError::NotPlaced(_) => ApiError::conflict("pod_not_placed", err.to_string()),
+            ForwardFilesError::TooLarge { limit } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the upload is larger than the limit of {limit} bytes"),
+            ),
+            ForwardFilesError::NoPeerAddress { .. } | ForwardFilesError::Unreachable { .. } => {
+                tracing::warn!(error = %err, "pod files: node unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "node_unavailable",
+                    "the pod's node cannot be reached for its files, try again shortly",
+                )
+            }
+            ForwardFilesError::Refused { .. } => {
+                tracing::error!(error = %err, "pod files: the node refused");
+                ApiError::internal()
+            }
+            ForwardFilesError::Db(err) => err.into(),
+        }
+    }
+}

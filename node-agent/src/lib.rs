@@ -13,6 +13,7 @@ pub mod capacity;
 pub mod cli;
 pub mod config;
 pub mod dirs;
+pub mod files;
 pub mod fleet;
 pub mod image;
 pub mod ingress;

@@ -28,12 +28,12 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use instapod_common::logs::{self, LogLine};
+use instapod_common::peer_token::Scope;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::fleet::Credentials;
 use crate::pods::Pods;
 use crate::transfer::{PeerBody, plain};
 
@@ -255,26 +255,13 @@ pub fn stream(log: &Path, keep: u32, query: LogQuery, present: impl Fn() -> bool
 
 /// Answers `GET /v1/logs/{pod_id}?tail=N[&since_ns=UNIX_NANOS][&follow=1]` on the peer
 /// endpoint, authorised by a logs token the control plane signed for this node and pod
-/// (`Authorization: Bearer ipl_…`, see `instapod_common::logs`). The body is JSON lines.
+/// (`Authorization: Bearer ipl_…`, see `instapod_common::peer_token`). The body is JSON lines.
 pub async fn answer(pods: &Pods, pod_id: Uuid, request: &Request<Incoming>) -> Response<PeerBody> {
     if request.method() != hyper::Method::GET {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET");
     }
-    let Some(token) = crate::transfer::bearer(request) else {
-        return plain(StatusCode::UNAUTHORIZED, "a logs token is required");
-    };
-    // The credentials the agent saved at its last join (a rejoin rewrites the file).
-    let credentials = std::fs::read(pods.dirs().node_file())
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<Credentials>(&bytes).ok());
-    let Some(credentials) = credentials else {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "this node has not joined the fleet");
-    };
-    let key = logs::node_token_hash(&credentials.node_token);
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    if !logs::verify(token, &key, credentials.node_id, pod_id, now) {
-        tracing::warn!(pod = %pod_id, "logs request refused: bad or expired token");
-        return plain(StatusCode::FORBIDDEN, "bad or expired logs token");
+    if let Err(refused) = crate::transfer::authorise(pods, request, Scope::Logs, pod_id) {
+        return refused;
     }
     let Some(query) = parse_query(request.uri().query().unwrap_or_default()) else {
         return plain(

@@ -1,6 +1,6 @@
 //! Volume transfers between nodes, for clones and moves: the peer endpoint that streams a pod's
-//! volume to another node (`peer_listen`; it also serves pod logs to the control plane, see
-//! `log_reader.rs`), the grants that say which one-time tokens it
+//! volume to another node (`peer_listen`; it also serves pod logs and the files API to the
+//! control plane, see `log_reader.rs` and `files/`), the grants that say which one-time tokens it
 //! accepts, and the receiving side that pulls, unpacks and verifies a volume before its pod
 //! starts.
 //!
@@ -42,6 +42,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use instapod_common::node::VolumeSource;
+use instapod_common::peer_token::{self, Scope};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -269,6 +270,36 @@ pub(crate) fn bearer<B>(request: &Request<B>) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
+/// Checks that `request` carries a peer token the control plane signed for `scope` on this
+/// node and `pod_id` (see `instapod_common::peer_token`); the refusal to send otherwise.
+pub(crate) fn authorise<B>(
+    pods: &Pods,
+    request: &Request<B>,
+    scope: Scope,
+    pod_id: Uuid,
+) -> Result<(), Response<PeerBody>> {
+    let Some(token) = bearer(request) else {
+        return Err(plain(StatusCode::UNAUTHORIZED, "a peer token is required"));
+    };
+    // The credentials the agent saved at its last join (a rejoin rewrites the file).
+    let credentials = std::fs::read(pods.dirs().node_file())
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<crate::fleet::Credentials>(&bytes).ok());
+    let Some(credentials) = credentials else {
+        return Err(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node has not joined the fleet",
+        ));
+    };
+    let key = peer_token::node_token_hash(&credentials.node_token);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if !peer_token::verify(token, &key, scope, credentials.node_id, pod_id, now) {
+        tracing::warn!(pod = %pod_id, ?scope, "peer request refused: bad or expired token");
+        return Err(plain(StatusCode::FORBIDDEN, "bad or expired peer token"));
+    }
+    Ok(())
+}
+
 pub(crate) fn plain(status: StatusCode, message: &str) -> Response<PeerBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(format!("{message}\n")))
@@ -287,6 +318,16 @@ async fn answer(pods: Pods, request: Request<Incoming>) -> Response<PeerBody> {
             return plain(StatusCode::NOT_FOUND, "not found");
         };
         return crate::log_reader::answer(&pods, pod_id, &request).await;
+    }
+    if let Some(rest) = path.strip_prefix("/v1/files/") {
+        let Some((pod_id, operation)) = rest
+            .split_once('/')
+            .and_then(|(id, op)| Some((id.parse::<Uuid>().ok()?, op)))
+        else {
+            return plain(StatusCode::NOT_FOUND, "not found");
+        };
+        let operation = operation.to_string();
+        return crate::files::answer(&pods, pod_id, &operation, request).await;
     }
     let Some(pod_id) = path.strip_prefix("/v1/volumes/").and_then(|id| id.parse::<Uuid>().ok()) else {
         return plain(StatusCode::NOT_FOUND, "not found");

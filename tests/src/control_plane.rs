@@ -353,6 +353,11 @@ impl ControlPlane {
         }
     }
 
+    /// The control plane's process id (for memory measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The base URL, e.g. `http://127.0.0.1:40123` (also its public URL and origin).
     pub fn url(&self) -> &str {
         &self.base_url

@@ -198,6 +198,11 @@ impl Fleet {
         fleet
     }
 
+    /// Agent `index`'s process id (for memory measurements).
+    pub fn agent_pid(&self, index: usize) -> u32 {
+        self.agents[index].id()
+    }
+
     /// Kills agent `index` (its containers keep running).
     pub fn kill_agent(&mut self, index: usize) {
         process::kill_and_reap(&mut self.agents[index]);

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod files;
 pub mod internal;
 pub mod logs;
 pub mod metrics;

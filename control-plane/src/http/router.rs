@@ -61,7 +61,19 @@ fn api_router() -> Router {
         .push(Router::with_path("pods/{name}/events").get(api::pods::events))
         .push(Router::with_path("pods/{name}/logs").get(api::logs::logs))
         .push(Router::with_path("pods/{name}/metrics").get(api::metrics::current))
-        .push(Router::with_path("pods/{name}/metrics/history").get(api::metrics::history));
+        .push(Router::with_path("pods/{name}/metrics/history").get(api::metrics::history))
+        .push(
+            Router::with_path("pods/{name}/files")
+                .get(api::files::list)
+                .delete(api::files::delete),
+        )
+        .push(
+            Router::with_path("pods/{name}/files/content")
+                .get(api::files::read)
+                .put(api::files::write),
+        )
+        .push(Router::with_path("pods/{name}/files/upload").post(api::files::upload))
+        .push(Router::with_path("pods/{name}/folders").post(api::files::create_folder));
     Router::with_path("api").push(public).push(authenticated)
 }
 

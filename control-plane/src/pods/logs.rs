@@ -4,12 +4,12 @@
 //!
 //! *Design.* The token is an HMAC keyed with the node token's SHA-256 — the one secret both
 //! the control plane (`nodes.token_hash`) and the agent (its plain token) know; see
-//! `instapod_common::logs`. It names the node and the pod and expires within a minute, so a
+//! `instapod_common::peer_token`. It is scoped to logs, names the node and the pod and expires within a minute, so a
 //! leaked token reads one pod's log on one node, briefly.
 
 use std::time::Duration;
 
-use instapod_common::logs;
+use instapod_common::peer_token::{self, Scope};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -90,8 +90,8 @@ pub async fn open(
     let addr: String = row
         .get::<_, Option<String>>(2)
         .ok_or(OpenLogsError::NoPeerAddress { node_id })?;
-    let expires = OffsetDateTime::now_utc().unix_timestamp() + logs::TOKEN_TTL_SECS;
-    let token = logs::sign(&token_hash, node_id, pod_id, expires);
+    let expires = OffsetDateTime::now_utc().unix_timestamp() + peer_token::TOKEN_TTL_SECS;
+    let token = peer_token::sign(&token_hash, Scope::Logs, node_id, pod_id, expires);
     let mut url = format!("http://{addr}/v1/logs/{pod_id}?tail={}", query.tail);
     if let Some(since) = query.since {
         url.push_str(&format!("&since_ns={}", since.unix_timestamp_nanos()));
