@@ -261,7 +261,7 @@ pub async fn answer(pods: &Pods, pod_id: Uuid, request: &Request<Incoming>) -> R
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET");
     }
     if let Err(refused) = crate::transfer::authorise(pods, request, Scope::Logs, pod_id) {
-        return refused;
+        return *refused;
     }
     let Some(query) = parse_query(request.uri().query().unwrap_or_default()) else {
         return plain(

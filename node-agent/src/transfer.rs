@@ -277,25 +277,25 @@ pub(crate) fn authorise<B>(
     request: &Request<B>,
     scope: Scope,
     pod_id: Uuid,
-) -> Result<(), Response<PeerBody>> {
+) -> Result<(), Box<Response<PeerBody>>> {
     let Some(token) = bearer(request) else {
-        return Err(plain(StatusCode::UNAUTHORIZED, "a peer token is required"));
+        return Err(Box::new(plain(StatusCode::UNAUTHORIZED, "a peer token is required")));
     };
     // The credentials the agent saved at its last join (a rejoin rewrites the file).
     let credentials = std::fs::read(pods.dirs().node_file())
         .ok()
         .and_then(|bytes| serde_json::from_slice::<crate::fleet::Credentials>(&bytes).ok());
     let Some(credentials) = credentials else {
-        return Err(plain(
+        return Err(Box::new(plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "this node has not joined the fleet",
-        ));
+        )));
     };
     let key = peer_token::node_token_hash(&credentials.node_token);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if !peer_token::verify(token, &key, scope, credentials.node_id, pod_id, now) {
         tracing::warn!(pod = %pod_id, ?scope, "peer request refused: bad or expired token");
-        return Err(plain(StatusCode::FORBIDDEN, "bad or expired peer token"));
+        return Err(Box::new(plain(StatusCode::FORBIDDEN, "bad or expired peer token")));
     }
     Ok(())
 }

@@ -115,6 +115,10 @@ async fn openapi_lists_every_implemented_path() {
         ("/api/presets", &["get"]),
         ("/api/regions", &["get"]),
         ("/api/runtimes", &["get"]),
+        ("/api/pods/{name}/files", &["get", "delete"]),
+        ("/api/pods/{name}/files/content", &["get", "put"]),
+        ("/api/pods/{name}/files/upload", &["post"]),
+        ("/api/pods/{name}/folders", &["post"]),
     ];
     let mut missing = Vec::new();
     for (path, methods) in expected {

@@ -617,13 +617,9 @@ async fn nothing_outside_the_volume_is_reached() {
         .await
         .assert_error(400, "path_outside_volume");
     let planted = format!("{victim}/planted.txt");
-    put(
-        &user,
-        "jail",
-        &json!({"path": format!("victim/planted.txt"), "content": "x"}),
-    )
-    .await
-    .assert_error(400, "path_outside_volume");
+    put(&user, "jail", &json!({"path": "victim/planted.txt", "content": "x"}))
+        .await
+        .assert_error(400, "path_outside_volume");
     put(
         &user,
         "jail",
@@ -865,12 +861,11 @@ async fn quota_request_cap_and_concurrent_writers() {
     .await
     .assert_status(201);
     let mut writers = Vec::new();
-    for round in 0..3 {
+    for _round in 0..3 {
         for content in &contents {
             let client = user.client();
             let content = content.clone();
             writers.push(tokio::spawn(async move {
-                let _ = round;
                 client
                     .put_json(
                         "/api/pods/full/files/content",

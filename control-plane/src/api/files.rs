@@ -150,7 +150,7 @@ enum BodyKind {
     Capped(u64),
 }
 
-fn header<'r>(req: &'r Request, name: salvo::http::header::HeaderName) -> Option<&'r str> {
+fn header(req: &Request, name: salvo::http::header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 

@@ -209,7 +209,7 @@ struct Target {
 /// Answers one files request (already routed to `/v1/files/{pod_id}/{operation}`).
 pub async fn answer(pods: &Pods, pod_id: Uuid, operation: &str, request: Request<Incoming>) -> Response<PeerBody> {
     if let Err(refused) = crate::transfer::authorise(pods, &request, Scope::Files, pod_id) {
-        return refused;
+        return *refused;
     }
     let record = pods.record(pod_id).filter(|_| pods.hosts(pod_id));
     let Some(record) = record else {

@@ -133,7 +133,8 @@ mod tests {
         let path = VolumePath::parse("a/b/c.txt").expect("valid");
         let (parent, name) = path.split_last().expect("not the root");
         assert_eq!((parent.relative().as_str(), name), ("a/b", "c.txt"));
-        let (parent, name) = VolumePath::parse("top").expect("valid").split_last().expect("not root");
+        let top = VolumePath::parse("top").expect("valid");
+        let (parent, name) = top.split_last().expect("not root");
         assert_eq!((parent.relative().as_str(), name), (".", "top"));
         assert!(VolumePath::parse("").expect("root").split_last().is_none());
     }

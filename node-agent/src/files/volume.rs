@@ -644,3 +644,98 @@ pub fn measure(root: &Path) -> io::Result<u64> {
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_volume() -> (std::path::PathBuf, std::path::PathBuf) {
+        let base = std::env::temp_dir().join(format!("instapod-volume-{}", uuid::Uuid::new_v4().simple()));
+        let (volume, outside) = (base.join("volume"), base.join("outside"));
+        std::fs::create_dir_all(volume.join("sub")).expect("volume");
+        std::fs::create_dir_all(&outside).expect("outside");
+        std::fs::write(outside.join("secret"), b"secret").expect("secret");
+        std::fs::write(volume.join("sub/a.txt"), b"a").expect("file");
+        std::os::unix::fs::symlink(&outside, volume.join("abs")).expect("symlink");
+        std::os::unix::fs::symlink("../../outside", volume.join("sub/up")).expect("symlink");
+        std::os::unix::fs::symlink("sub/a.txt", volume.join("inside")).expect("symlink");
+        (base, volume)
+    }
+
+    fn path(raw: &str) -> VolumePath {
+        VolumePath::parse(raw).expect("valid path")
+    }
+
+    fn outside<T: std::fmt::Debug>(result: Result<T, FileOpError>) {
+        assert!(matches!(result, Err(FileOpError::OutsideVolume(_))), "{result:?}");
+    }
+
+    #[test]
+    fn symlinks_out_of_the_volume_lead_nowhere() {
+        let (base, root) = temp_volume();
+        let volume = Volume::open(&root).expect("open");
+        for through in ["abs/secret", "sub/up/secret", "abs"] {
+            outside(volume.open_file(&path(through)));
+        }
+        outside(volume.list(&path("abs"), None, 10));
+        outside(volume.begin_write(&path("abs/planted")));
+        outside(volume.delete(&path("sub/up/secret"), false));
+        outside(volume.create_dir(&path("abs/new"), true));
+        outside(volume.create_dir(&path("abs/new"), false));
+        assert!(!base.join("outside/planted").exists() && !base.join("outside/new").exists());
+        assert!(base.join("outside/secret").exists());
+        // Inside is fine, and a link is deleted as a link.
+        let mut opened = volume.open_file(&path("inside")).expect("inside");
+        assert_eq!(Volume::read_range(&mut opened, 0, 10).expect("read"), b"a");
+        volume.delete(&path("abs"), true).expect("delete the link");
+        assert!(base.join("outside/secret").exists());
+        std::fs::remove_dir_all(&base).ok();
+    }
+
+    #[test]
+    fn writes_are_atomic_and_conditional_and_leave_nothing_when_dropped() {
+        let (base, root) = temp_volume();
+        let volume = Volume::open(&root).expect("open");
+        let target = path("sub/a.txt");
+        let before = volume.stat(&target).expect("stat");
+        let mut pending = volume.begin_write(&target).expect("begin");
+        pending.write(b"new").expect("write");
+        drop(pending);
+        assert_eq!(std::fs::read(root.join("sub/a.txt")).expect("read"), b"a");
+        let stale = WriteConditions {
+            create_only: false,
+            if_match: Some("0-0-0".into()),
+        };
+        let mut pending = volume.begin_write(&target).expect("begin");
+        pending.write(b"new").expect("write");
+        assert!(matches!(pending.commit(&stale), Err(FileOpError::EtagMismatch { .. })));
+        let fresh = WriteConditions {
+            create_only: false,
+            if_match: Some(etag(&before)),
+        };
+        let mut pending = volume.begin_write(&target).expect("begin");
+        pending.write(b"new").expect("write");
+        let written = pending.commit(&fresh).expect("commit");
+        assert_eq!((written.size, written.created, written.replaced_bytes), (3, false, 1));
+        let create_only = WriteConditions {
+            create_only: true,
+            if_match: None,
+        };
+        let pending = volume.begin_write(&target).expect("begin");
+        assert!(matches!(
+            pending.commit(&create_only),
+            Err(FileOpError::AlreadyExists(_))
+        ));
+        assert_eq!(std::fs::read(root.join("sub/a.txt")).expect("read"), b"new");
+        let names: Vec<String> = std::fs::read_dir(root.join("sub"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with(TMP_PREFIX)), "{names:?}");
+        assert!(matches!(
+            volume.delete(&VolumePath::root(), true),
+            Err(FileOpError::DeleteRoot)
+        ));
+        std::fs::remove_dir_all(&base).ok();
+    }
+}
