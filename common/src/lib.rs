@@ -9,7 +9,7 @@ pub mod config;
 pub mod files;
 pub mod logs;
 pub mod node;
-pub mod pod_metrics;
 pub mod peer_token;
+pub mod pod_metrics;
 pub mod queue;
 pub mod telemetry;
