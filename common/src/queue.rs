@@ -101,6 +101,22 @@ pub async fn sweep_done(
     }
 }
 
+/// How many jobs wait to be fetched in each of `names` (the length of each queue's active
+/// list; jobs scheduled for a later retry are not counted), in one round trip.
+pub async fn waiting(
+    conn: &mut impl apalis_redis::ConnectionLike,
+    names: &[String],
+) -> Result<Vec<u64>, apalis_redis::RedisError> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for name in names {
+        pipe.cmd("LLEN").arg(config(name).active_jobs_list());
+    }
+    pipe.query_async(conn).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

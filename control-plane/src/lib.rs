@@ -11,6 +11,7 @@ pub mod mail;
 pub mod maintenance;
 pub mod migrate;
 pub mod nodes;
+pub mod observability;
 pub mod pods;
 pub mod ratelimit;
 pub mod shared_client;
@@ -78,6 +79,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = recorder.handle();
     // Tests may run several servers in one process; only the first installs the recorder.
     let _installed = metrics::set_global_recorder(recorder);
+    observability::describe();
 
     let db = db::create_pool(&config)?;
     let rate_limiter = ratelimit::RateLimiter::new(&config)?;
@@ -109,6 +111,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.metrics_retention(),
         shutdown_rx.clone(),
     ));
+    let queue_depth_task = tokio::spawn(observability::sample_queue_depth(
+        db.clone(),
+        config.redis_url.expose().to_string(),
+        shutdown_rx.clone(),
+    ));
     let upkeep_task = tokio::spawn(metrics_upkeep(metrics, shutdown_rx));
 
     let acceptor = TcpListener::new(config.listen)
@@ -130,7 +137,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         maintenance_task,
         node_health_task,
         retention_task,
-        upkeep_task
+        upkeep_task,
+        queue_depth_task
     );
     Ok(())
 }

@@ -60,6 +60,7 @@ pub fn build_pods(
     );
     let total = crate::capacity::total(dirs.root());
     let allocatable = crate::capacity::allocatable(&total, &config.reserved);
+    crate::metrics::set_capacity(&total, &allocatable);
     let max = instapod_common::node::Resources {
         cpu_millis: config
             .max_pod

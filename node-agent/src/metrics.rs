@@ -15,11 +15,18 @@
 //!   `…_pod_memory_bytes`, `…_pod_memory_limit_bytes`, `…_pod_network_receive_bytes_total`,
 //!   `…_pod_network_transmit_bytes_total`, `…_pod_disk_used_bytes`, `…_pod_disk_quota_bytes`,
 //!   `…_pod_pids`
+//! - `instapod_node_agent_pod_restarts_total{pod_id}` — restarts by the restart policy
+//! - `instapod_node_agent_{capacity,allocatable,allocated}_{cpu_cores,memory_bytes,disk_bytes}`
+//!   and `instapod_node_agent_filesystem_avail_bytes` — what the node has, what pods may
+//!   reserve, what they do reserve, and the free space of the state directory's filesystem
+//!
+//! The full list, with the pod sampler's and the ingress's series, is the catalogue
+//! [`instapod_common::metrics::NODE_AGENT`] (described at start-up; `docs/metrics.md`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use instapod_common::node::NodePodState;
+use instapod_common::node::{Capacity, NodePodState};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use salvo::affix_state;
 use salvo::prelude::*;
@@ -36,15 +43,39 @@ const STATES: [NodePodState; 6] = [
     NodePodState::Deleted,
 ];
 
-/// Installs the global recorder.
+pub const POD_RESTARTS: &str = "instapod_node_agent_pod_restarts_total";
+
+/// Installs the global recorder and describes the agent's metrics.
 pub fn install() -> Result<PrometheusHandle, String> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets(&[
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
         ])
         .map_err(|err| err.to_string())?
         .install_recorder()
-        .map_err(|err| err.to_string())
+        .map_err(|err| err.to_string())?;
+    instapod_common::metrics::describe(instapod_common::metrics::NODE_AGENT);
+    Ok(handle)
+}
+
+/// Publishes what the machine has and what pods may reserve (fixed while the agent runs).
+pub fn set_capacity(total: &Capacity, allocatable: &Capacity) {
+    for (kind, capacity) in [("capacity", total), ("allocatable", allocatable)] {
+        set_resources(kind, capacity);
+    }
+}
+
+fn set_resources(kind: &str, capacity: &Capacity) {
+    let prefix = format!("instapod_node_agent_{kind}");
+    metrics::gauge!(format!("{prefix}_cpu_cores")).set(capacity.cpu_millis as f64 / 1000.0);
+    metrics::gauge!(format!("{prefix}_memory_bytes")).set(capacity.memory_bytes as f64);
+    metrics::gauge!(format!("{prefix}_disk_bytes")).set(capacity.disk_bytes as f64);
+}
+
+/// The restart policy restarted pod `pod_id`'s task (its series lives until the agent restarts:
+/// bounded by the pods this node has run).
+pub fn pod_restarted(pod_id: uuid::Uuid) {
+    metrics::counter!(POD_RESTARTS, "pod_id" => pod_id.to_string()).increment(1);
 }
 
 /// Updates gauges from current state (called before each render).
@@ -58,6 +89,11 @@ pub fn refresh(pods: &Pods) {
     metrics::counter!("instapod_node_agent_image_pulls_total").absolute(stats.pulls.load(Ordering::Relaxed));
     metrics::counter!("instapod_node_agent_image_pull_bytes_total").absolute(stats.bytes.load(Ordering::Relaxed));
     metrics::counter!("instapod_node_agent_image_reuses_total").absolute(stats.reused.load(Ordering::Relaxed));
+    set_resources("allocated", &pods.allocated());
+    if let Ok(fs) = rustix::fs::statvfs(pods.dirs().root()) {
+        metrics::gauge!("instapod_node_agent_filesystem_avail_bytes")
+            .set(fs.f_bavail.saturating_mul(fs.f_frsize) as f64);
+    }
 }
 
 #[derive(Clone, Debug)]

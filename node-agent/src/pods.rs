@@ -392,6 +392,20 @@ impl Pods {
         counts
     }
 
+    /// What the pods on this node (not being deleted) reserve, for metrics.
+    pub fn allocated(&self) -> instapod_common::node::Capacity {
+        let mut sum = instapod_common::node::Capacity::default();
+        for record in self.inner.records.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if record.desired != Desired::Deleted {
+                let resources = &record.spec.resources;
+                sum.cpu_millis += u64::from(resources.cpu_millis);
+                sum.memory_bytes += resources.memory_bytes;
+                sum.disk_bytes += resources.disk_bytes;
+            }
+        }
+        sum
+    }
+
     fn set_state(&self, record: &mut PodRecord, state: NodePodState, reason: Option<String>, exit_code: Option<i32>) {
         let changed = record.state != state || record.reason != reason || record.exit_code != exit_code;
         record.state = state;
@@ -977,6 +991,7 @@ impl Pods {
             }
             let backoff = Duration::from_secs(1u64 << record.restarts.min(6)).min(MAX_BACKOFF);
             record.restarts += 1;
+            crate::metrics::pod_restarted(id);
             let _ = self.save(&record);
             (backoff, record.generation)
         };

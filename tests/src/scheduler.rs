@@ -14,6 +14,8 @@ use crate::{ids, process};
 pub struct Scheduler {
     child: Child,
     log: PathBuf,
+    /// Its `/metrics` is on `127.0.0.1:metrics_port`.
+    pub metrics_port: u16,
 }
 
 impl Scheduler {
@@ -28,6 +30,7 @@ impl Scheduler {
         let binary = scheduler_binary();
         let log = process::temp_dir("scheduler").join(format!("scheduler-{}.log", ids::random_suffix()));
         let (out, err) = process::log_file_stdio(&log);
+        let metrics_port = process::free_port();
         let mut command = Command::new(&binary);
         process::clear_instapod_env(&mut command);
         let child = command
@@ -36,6 +39,7 @@ impl Scheduler {
             .env("INSTAPOD_SCHEDULER_RECONCILE_INTERVAL_SECS", "1")
             .env("INSTAPOD_SCHEDULER_STOP_GRACE_SECS", "2")
             .env("INSTAPOD_SCHEDULER_LOG_FILTER", "info,instapod_scheduler=debug")
+            .env("INSTAPOD_SCHEDULER_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
@@ -43,7 +47,11 @@ impl Scheduler {
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
         process::register_child(&child, process::StopSignal::Kill);
-        Scheduler { child, log }
+        Scheduler {
+            child,
+            log,
+            metrics_port,
+        }
     }
 
     /// The last lines of its log.

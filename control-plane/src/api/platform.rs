@@ -51,7 +51,9 @@ pub async fn readyz(depot: &mut Depot, res: &mut Response) -> Json<Readiness> {
 /// Prometheus metrics in text format
 #[handler]
 pub async fn metrics(depot: &mut Depot, res: &mut Response) {
-    let body = app(depot).metrics.render();
+    let state = app(depot);
+    crate::observability::refresh_db_pool(&state.db);
+    let body = state.metrics.render();
     res.headers_mut().insert(
         "content-type",
         salvo::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

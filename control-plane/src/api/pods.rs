@@ -344,7 +344,7 @@ pub async fn create(req: &mut Request, depot: &mut Depot) -> Result<Accepted<Pod
         restart_policy,
     };
     let pod = store::create(&state.db, &new).await.map_err(create_error)?;
-    state.pod_queue.push(pod.id, pod.generation).await;
+    state.pod_queue.push("create", pod.id, pod.generation).await;
     Ok(Accepted(view(&state, pod)))
 }
 
@@ -423,7 +423,7 @@ pub async fn clone(
         Err(CloneError::State(message)) => return Err(ApiError::conflict("invalid_state", message)),
         Err(CloneError::Create(err)) => return Err(create_error(err)),
     };
-    state.pod_queue.push(pod.id, pod.generation).await;
+    state.pod_queue.push("clone", pod.id, pod.generation).await;
     Ok(Accepted(view(&state, pod)))
 }
 
@@ -438,7 +438,7 @@ async fn act(name: &str, depot: &mut Depot, action: Action) -> Result<Accepted<P
         )),
         ActOutcome::Accepted { pod, enqueue } => {
             if enqueue {
-                state.pod_queue.push(pod.id, pod.generation).await;
+                state.pod_queue.push(action.as_str(), pod.id, pod.generation).await;
             }
             Ok(Accepted(view(&state, pod)))
         }
@@ -611,7 +611,7 @@ pub async fn resize(
     }
     match store::resize(&state.db, me.team_id, &name, &size).await {
         Ok(pod) => {
-            state.pod_queue.push(pod.id, pod.generation).await;
+            state.pod_queue.push("resize", pod.id, pod.generation).await;
             Ok(Accepted(view(&state, pod)))
         }
         Err(store::ResizeError::NotFound(_)) => Err(not_found(&name)),

@@ -30,8 +30,9 @@ impl PodQueue {
         }
     }
 
-    /// Pushes a job; failures are logged, never returned.
-    pub async fn push(&self, pod_id: Uuid, generation: i64) {
+    /// Pushes a job; failures are logged, never returned. `kind` says what caused it (the
+    /// `kind` label of `instapod_control_plane_jobs_enqueued_total`: a fixed word).
+    pub async fn push(&self, kind: &'static str, pod_id: Uuid, generation: i64) {
         let pushed = tokio::time::timeout(PUSH_TIMEOUT, async {
             let mut guard = self.storage.lock().await;
             if guard.is_none() {
@@ -48,12 +49,17 @@ impl PodQueue {
             pushed.map_err(|err| std::io::Error::other(err.to_string()).into())
         })
         .await;
-        match pushed {
-            Ok(Ok(())) => {}
+        let outcome = match pushed {
+            Ok(Ok(())) => "ok",
             Ok(Err::<(), Box<dyn std::error::Error + Send + Sync>>(err)) => {
-                tracing::warn!(pod = %pod_id, error = %err, "cannot enqueue the pod's job; the reconciler will")
+                tracing::warn!(pod = %pod_id, error = %err, "cannot enqueue the pod's job; the reconciler will");
+                "error"
             }
-            Err(_) => tracing::warn!(pod = %pod_id, "enqueuing the pod's job timed out; the reconciler will"),
-        }
+            Err(_) => {
+                tracing::warn!(pod = %pod_id, "enqueuing the pod's job timed out; the reconciler will");
+                "timeout"
+            }
+        };
+        crate::observability::job_enqueued(PODS_QUEUE, kind, outcome);
     }
 }

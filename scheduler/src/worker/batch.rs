@@ -119,6 +119,7 @@ struct Choice {
 
 /// Places what it can of `ids`; returns the placed pods with their nodes.
 async fn place_batch(ctx: &Context, ids: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, ConvergeError> {
+    let started = std::time::Instant::now();
     let mut client = ctx.db.get().await?;
     let tx = client.transaction().await?;
     let lock = tx
@@ -270,6 +271,7 @@ async fn place_batch(ctx: &Context, ids: &[Uuid]) -> Result<HashMap<Uuid, Uuid>,
     tx.execute(&write, &[&placed_pods, &placed_nodes, &messages]).await?;
     tx.commit().await?;
     drop(in_flight);
+    super::metrics::placed("batch", assigned.len(), started.elapsed());
 
     // (5) The nodes' jobs.
     let mut by_node: HashMap<Uuid, Vec<NodeJob>> = HashMap::new();

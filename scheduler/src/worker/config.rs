@@ -1,6 +1,8 @@
 //! The scheduler's configuration: a TOML file (`--config` or `INSTAPOD_SCHEDULER_CONFIG`) plus
 //! `INSTAPOD_SCHEDULER_<FIELD>` overrides. Unknown fields are refused.
 
+use std::net::SocketAddr;
+
 use instapod_common::config::Secret;
 use instapod_common::telemetry::LogFormat;
 use serde::Deserialize;
@@ -27,6 +29,8 @@ pub struct Config {
     pub reconcile_interval_secs: u64,
     /// Grace period of stops, in seconds. Default 10.
     pub stop_grace_secs: u32,
+    /// Where `/metrics` (Prometheus text) is served. Default `127.0.0.1:9102`.
+    pub metrics_listen: SocketAddr,
     /// `text` or `json`. Default `text`.
     pub log_format: LogFormat,
     /// Default `info`.
@@ -43,6 +47,7 @@ impl Default for Config {
             concurrency: 32,
             reconcile_interval_secs: 5,
             stop_grace_secs: 10,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
             log_format: LogFormat::Text,
             log_filter: "info".to_string(),
         }

@@ -172,10 +172,13 @@ impl From<deadpool_postgres::PoolError> for ConvergeError {
 pub async fn send(ctx: &Context, node_id: Uuid, job: NodeJob) -> Result<(), ConvergeError> {
     let mut storage = RedisStorage::<NodeJob>::new(ctx.redis.clone())
         .with_config(instapod_common::queue::config(node_queue(node_id)));
+    let operation = job.operation();
     storage
         .push(job)
         .await
-        .map_err(|err| ConvergeError::Queue(err.to_string()))
+        .map_err(|err| ConvergeError::Queue(err.to_string()))?;
+    super::metrics::node_jobs_sent(operation, 1);
+    Ok(())
 }
 
 async fn event(
@@ -301,10 +304,16 @@ pub(super) fn forget_choices(ctx: &Context, refused: &[(Uuid, Capacity, Option<C
 pub(super) async fn send_all(ctx: &Context, node_id: Uuid, jobs: Vec<NodeJob>) -> Result<(), ConvergeError> {
     let mut storage = RedisStorage::<NodeJob>::new(ctx.redis.clone())
         .with_config(instapod_common::queue::config(node_queue(node_id)));
+    let mut operations: Vec<&'static str> = jobs.iter().map(NodeJob::operation).collect();
     storage
         .push_bulk(jobs)
         .await
-        .map_err(|err| ConvergeError::Queue(err.to_string()))
+        .map_err(|err| ConvergeError::Queue(err.to_string()))?;
+    operations.sort_unstable();
+    for group in operations.chunk_by(|a, b| a == b) {
+        super::metrics::node_jobs_sent(group[0], group.len());
+    }
+    Ok(())
 }
 
 /// Where placing a pod ended.
@@ -313,8 +322,8 @@ enum Placed {
     /// transaction, not yet committed. The node counts as in flight until this is dropped
     /// (after the commit releases its row lock).
     Node(Uuid, String, InFlight),
-    /// Nowhere, according to a snapshot read while placing: why.
-    Unschedulable(String),
+    /// Nowhere, according to a snapshot read while placing: why, and the `reason` label.
+    Unschedulable(String, &'static str),
 }
 
 /// Chooses a node for `pod` from the snapshot and assigns it under the node's row lock (see
@@ -342,7 +351,10 @@ async fn place_pod(
         });
         let (placement, in_flight) = match choice {
             Some(Ok(chosen)) => chosen,
-            Some(Err(unschedulable)) if fresh => return Ok(Placed::Unschedulable(unschedulable.to_string())),
+            Some(Err(unschedulable)) if fresh => {
+                let reason = super::metrics::failure_reason(&unschedulable);
+                return Ok(Placed::Unschedulable(unschedulable.to_string(), reason));
+            }
             // No snapshot, an old one, or one that says no without having been read now.
             _ => {
                 refresh(ctx, tx).await?;
@@ -377,6 +389,7 @@ async fn place_pod(
             }
         }
     }
+    super::metrics::placement_failed("contention");
     Err(ConvergeError::Db(format!(
         "pod {}: {MAX_CHOICES} nodes chosen in a row lost their room before they could be locked",
         pod.id
@@ -610,10 +623,12 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
                 region: Some(pod.region.clone()),
                 ..PlacementRequest::for_resources(&pod.resources())
             };
+            let started = std::time::Instant::now();
             match place_pod(ctx, &tx, &pod, &request).await? {
                 Placed::Node(node, name, in_flight) => {
                     tx.commit().await?;
                     drop(in_flight);
+                    super::metrics::placed("single", 1, started.elapsed());
                     tracing::debug!(pod = %pod.id, node = %name, "placed");
                     let mut spec = pod.spec();
                     if let Some(transfer) = &transfer {
@@ -621,7 +636,8 @@ pub async fn converge(ctx: &Context, pod_id: Uuid) -> Result<(), ConvergeError> 
                     }
                     send(ctx, node, NodeJob::EnsureRunning { spec }).await?;
                 }
-                Placed::Unschedulable(why) => {
+                Placed::Unschedulable(why, reason) => {
+                    super::metrics::placement_failed(reason);
                     let message = format!("unschedulable: {why}");
                     if pod.reason.as_deref() != Some(message.as_str()) {
                         tx.execute(

@@ -1,6 +1,7 @@
 //! The scheduler process: consumes [`PodJob`]s (queue `pods`), places pods with [`crate::place`]
 //! and commits the placement in Postgres, sends nodes their jobs (`node:<id>`), and runs the
-//! reconciler that re-enqueues every pod not in its desired state.
+//! reconciler that re-enqueues every pod not in its desired state. Its `/metrics` is served on
+//! `metrics_listen` ([`metrics`]).
 //!
 //! *Invariants.*
 //! - Placement locks the pod's row, then the chosen node's row, and re-sums the node's
@@ -14,6 +15,7 @@
 pub mod batch;
 pub mod config;
 pub mod converge;
+pub mod metrics;
 pub mod reconcile;
 pub mod spec;
 pub mod transfer;
@@ -53,6 +55,7 @@ async fn handle(job: PodJob, worker: Data<Worker>) -> Result<(), BoxDynError> {
         Ok(batch::Batched::NotPlaced) => converge::converge(ctx, job.pod_id).await,
         Err(err) => Err(err),
     };
+    metrics::pod_job(converged.is_ok());
     converged.map_err(|err| {
         tracing::warn!(pod = %job.pod_id, error = %err, "converging failed; retrying");
         Box::new(err) as BoxDynError
@@ -61,6 +64,7 @@ async fn handle(job: PodJob, worker: Data<Worker>) -> Result<(), BoxDynError> {
 
 /// Runs the scheduler until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    metrics::install(config.metrics_listen)?;
     let mut pg = deadpool_postgres::Config::new();
     pg.url = Some(config.database_url.expose().to_string());
     pg.pool = Some(deadpool_postgres::PoolConfig::new(config.database_pool_size));

@@ -30,7 +30,10 @@ const SWEEP_BATCH: usize = 500;
 pub async fn run(ctx: Context, mut shutdown: watch::Receiver<bool>) {
     let interval = Duration::from_secs(ctx.config.reconcile_interval_secs.max(1));
     loop {
-        if let Err(err) = pass(&ctx).await {
+        let started = std::time::Instant::now();
+        let passed = pass(&ctx).await;
+        super::metrics::reconcile_pass(passed.is_ok(), started.elapsed());
+        if let Err(err) = passed {
             tracing::warn!(error = %err, "reconcile pass failed");
         }
         tokio::select! {
@@ -67,10 +70,11 @@ pub async fn pass(ctx: &Context) -> anyhow::Result<usize> {
             &[],
         )
         .await?;
+    super::metrics::reconciler_action("marked_unknown", lost.len());
     if !lost.is_empty() {
         tracing::warn!(pods = lost.len(), "pods on silent nodes marked unknown");
     }
-    client
+    let recovered = client
         .execute(
             "WITH back AS (
                 UPDATE pods p SET updated_at = now(), state = CASE hp->>'state'
@@ -85,6 +89,7 @@ pub async fn pass(ctx: &Context) -> anyhow::Result<usize> {
             &[],
         )
         .await?;
+    super::metrics::reconciler_action("recovered", usize::try_from(recovered).unwrap_or(usize::MAX));
     let rows = client
         .query(
             "SELECT p.id, p.generation FROM pods p LEFT JOIN nodes n ON n.id = p.node_id
@@ -112,6 +117,7 @@ pub async fn pass(ctx: &Context) -> anyhow::Result<usize> {
             .await
             .map_err(|err| anyhow::anyhow!("enqueue: {err}"))?;
     }
+    super::metrics::reconciler_action("requeued", jobs.len());
     tracing::debug!(pods = jobs.len(), "unsettled pods enqueued");
     Ok(jobs.len())
 }
