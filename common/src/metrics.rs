@@ -231,6 +231,21 @@ pub const NODE_AGENT: &[Metric] = &[
         "Log readers following a pod's log now",
     ),
     counter(
+        "instapod_node_agent_ssh_sessions_total",
+        &["outcome"],
+        "SSH sessions by how they ended (exited_zero, exited_nonzero, refused, error)",
+    ),
+    counter(
+        "instapod_node_agent_ssh_auth_failures_total",
+        &["reason"],
+        "Refused SSH authentications (denied, rate_limited, control_plane_unavailable)",
+    ),
+    gauge(
+        "instapod_node_agent_ssh_sessions_active",
+        &[],
+        "SSH sessions running a process in a pod now",
+    ),
+    counter(
         "instapod_node_agent_pod_restarts_total",
         &["pod_id"],
         "Restarts of a pod's task after it exited (restart policy); a steady rate means a crash loop",

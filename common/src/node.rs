@@ -351,6 +351,34 @@ pub struct Heartbeat {
     /// `host:port` where other nodes reach this node's peer endpoint (volume transfers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
+    /// `host:port` where users reach this node's SSH gateway (the connection info of its pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_addr: Option<String>,
+}
+
+/// `POST /internal/nodes/{id}/ssh/authorize` (node token): the gateway asks, at every
+/// authentication attempt and after the client proved the key with a signature, whether the key
+/// may log into `username`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshAuthorizeRequest {
+    /// The SSH username: the first label of a pod's platform hostname, or the pod id.
+    pub username: String,
+    /// The verified key as `<algorithm> <base64>` (OpenSSH public-key line without comment).
+    pub public_key: String,
+}
+
+/// The answer when the key may log in (otherwise 403 `ssh_denied`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshAuthorization {
+    pub pod_id: Uuid,
+    pub pod_name: String,
+    /// Whether the pod is placed on the asking node (if not, the gateway refuses the session
+    /// and names `node_name` / `node_ssh_addr`).
+    pub on_this_node: bool,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub node_ssh_addr: Option<String>,
 }
 
 /// `GET /internal/nodes/{id}/routes` (node token): where the pods of the *other* nodes are, for

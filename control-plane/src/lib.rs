@@ -15,6 +15,7 @@ pub mod observability;
 pub mod pods;
 pub mod ratelimit;
 pub mod shared_client;
+pub mod ssh;
 pub mod teams;
 
 use std::sync::Arc;

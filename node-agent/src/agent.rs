@@ -4,7 +4,8 @@
 //! *Start-up order.* State directory → containerd (waits until it answers) → records loaded →
 //! metrics endpoint and ingress (pods that outlived an agent restart are reachable before the
 //! agent has joined) → join (retried until the control plane answers) → report and heartbeat
-//! loops and the ingress route feed (the other nodes' pods) → a first reconcile (adopt,
+//! loops, the ingress route feed (the other nodes' pods) and the SSH gateway (it asks the control
+//! plane about every key, so it starts once joined) → a first reconcile (adopt,
 //! restart, remove) → the task-event watcher, the periodic reconcile and log rotation, the pod sampler → the job consumer (restarted when Redis goes away). SIGTERM or
 //! Ctrl-C stops it; pods keep running (they belong to containerd's shims, not to the agent).
 
@@ -127,6 +128,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let node_id = fleet.node_id();
+    if config.ssh.enabled {
+        let host_key = crate::ssh::host_key::load_or_create(&dirs.root().join(crate::ssh::host_key::FILE_NAME))?;
+        let gateway = Arc::new(crate::ssh::Gateway::new(&config.ssh, pods.clone(), fleet.clone())?);
+        tokio::spawn(crate::ssh::run(config.ssh.clone(), host_key, gateway));
+    }
     tracing::info!(%node_id, queue = %instapod_common::node::node_queue(node_id), "joined the fleet");
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(fleet::report_loop(fleet.clone(), reports, shutdown.clone()));

@@ -77,6 +77,8 @@ pub struct Config {
     /// (empty): `peer_listen` when it names an address, else the address this machine uses to
     /// reach the control plane, with `peer_listen`'s port.
     pub peer_advertise: String,
+    /// The SSH gateway into this node's pods (see `ssh/`).
+    pub ssh: SshConfig,
     /// Jobs handled at once. Default 4.
     pub job_concurrency: usize,
     /// Registries reached over plain HTTP besides loopback ones (`host:port`).
@@ -125,6 +127,46 @@ pub struct NetworkConfig {
     pub cni_bin_dir: PathBuf,
 }
 
+/// The SSH gateway: users log into their pods with a stock `ssh` client; keys are checked by
+/// the control plane at every attempt.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SshConfig {
+    /// Whether the gateway runs. Default true.
+    pub enabled: bool,
+    /// Where it listens. Default `0.0.0.0:2222`; tests and the local stack set a loopback port.
+    pub listen: SocketAddr,
+    /// `host:port` users connect to (sent with every heartbeat, shown in the pods' connection
+    /// info). Default (empty): `listen` when it names an address, else the address this machine
+    /// uses to reach the control plane, with `listen`'s port.
+    pub advertise: String,
+    /// Failed authentications one source IP may have within `failure_window_secs`; the next
+    /// attempts from it are refused for `block_secs` without asking the control plane.
+    /// Default 10.
+    pub max_auth_failures: u32,
+    /// Default 60.
+    pub failure_window_secs: u64,
+    /// Default 300.
+    pub block_secs: u64,
+    /// Sessions (channels running a process in a pod) open at once on this node; more are
+    /// refused. Default 512.
+    pub max_sessions: usize,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
+            advertise: String::new(),
+            max_auth_failures: 10,
+            failure_window_secs: 60,
+            block_secs: 300,
+            max_sessions: 512,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -153,6 +195,7 @@ impl Default for Config {
             ingress_advertise: None,
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 9102)),
             peer_advertise: String::new(),
+            ssh: SshConfig::default(),
             job_concurrency: 4,
             plain_http_registries: Vec::new(),
             dns_servers: Vec::new(),
@@ -257,7 +300,37 @@ impl Config {
         if !self.peer_advertise.is_empty() && !is_host_port(&self.peer_advertise) {
             problems.push(format!("peer_advertise {:?} must be host:port", self.peer_advertise));
         }
+        if !self.ssh.advertise.is_empty() && !is_host_port(&self.ssh.advertise) {
+            problems.push(format!("ssh.advertise {:?} must be host:port", self.ssh.advertise));
+        }
+        if self.ssh.enabled && [self.metrics_listen, self.ingress_listen, self.peer_listen].contains(&self.ssh.listen) {
+            problems.push(format!(
+                "ssh.listen {} is also the metrics, ingress or peer address",
+                self.ssh.listen
+            ));
+        }
+        if self.ssh.max_auth_failures == 0 || self.ssh.failure_window_secs == 0 || self.ssh.max_sessions == 0 {
+            problems
+                .push("ssh.max_auth_failures, ssh.failure_window_secs and ssh.max_sessions must be positive".into());
+        }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// Where users reach the SSH gateway (see `ssh.advertise`).
+    pub fn ssh_addr(&self) -> Option<String> {
+        if !self.ssh.enabled {
+            return None;
+        }
+        if !self.ssh.advertise.is_empty() {
+            return Some(self.ssh.advertise.clone());
+        }
+        let as_peer = Config {
+            peer_listen: self.ssh.listen,
+            peer_advertise: String::new(),
+            control_plane_url: self.control_plane_url.clone(),
+            ..Config::default()
+        };
+        as_peer.peer_addr()
     }
 
     /// Where other nodes reach the peer endpoint (see `peer_advertise`); `None` when it cannot

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use instapod_common::node::{Heartbeat, IngressRoutes, JoinRequest, JoinResponse, PodReport, ReportBatch};
+use instapod_common::node::{
+    Heartbeat, IngressRoutes, JoinRequest, JoinResponse, PodReport, ReportBatch, SshAuthorization, SshAuthorizeRequest,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -243,6 +245,42 @@ impl Fleet {
         }
     }
 
+    /// Asks the control plane whether the (signature-verified) `public_key` may log into the
+    /// pod named by the SSH `username`: `Ok(None)` when it may not (403). Never cached: a
+    /// removed key is refused at the next attempt.
+    pub async fn ssh_authorize(
+        &self,
+        username: &str,
+        public_key: &str,
+    ) -> Result<Option<SshAuthorization>, FleetError> {
+        const WHAT: &str = "the ssh authorization";
+        let body = SshAuthorizeRequest {
+            username: username.to_string(),
+            public_key: public_key.to_string(),
+        };
+        let mut rejoined = false;
+        loop {
+            let credentials = self.credentials();
+            let url = format!("{}/internal/nodes/{}/ssh/authorize", self.base, credentials.node_id);
+            match post(&self.http, &url, &credentials.node_token, &body, WHAT).await {
+                Ok(response) => {
+                    let answer = response.json().await.map_err(|err| FleetError::Unreachable {
+                        url: url.clone(),
+                        reason: format!("unreadable ssh authorization: {}", crate::error_chain(&err)),
+                    })?;
+                    return Ok(Some(answer));
+                }
+                Err(FleetError::Refused { status: 403, .. }) => return Ok(None),
+                Err(err) if err.is_unauthorized() && !rejoined => {
+                    tracing::warn!(error = %err, "the node token was refused; joining again");
+                    self.rejoin().await?;
+                    rejoined = true;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), FleetError> {
         self.post_as_node("heartbeat", heartbeat, "the heartbeat").await
     }
@@ -347,6 +385,7 @@ pub async fn heartbeat_loop(fleet: Arc<Fleet>, config: Arc<Config>, pods: Pods, 
     let total = crate::capacity::total(&config.state_dir);
     let allocatable = crate::capacity::allocatable(&total, &config.reserved);
     let peer_addr = config.peer_addr();
+    let ssh_addr = config.ssh_addr();
     loop {
         let heartbeat = Heartbeat {
             total,
@@ -357,6 +396,7 @@ pub async fn heartbeat_loop(fleet: Arc<Fleet>, config: Arc<Config>, pods: Pods, 
             pods: pods.summary(),
             ingress_addr: fleet.ingress_addr.map(|addr| addr.to_string()),
             peer_addr: peer_addr.clone(),
+            ssh_addr: ssh_addr.clone(),
         };
         if let Err(err) = fleet.heartbeat(&heartbeat).await {
             tracing::warn!(error = %err, "heartbeat failed");

@@ -6,7 +6,8 @@
 //! reconcile) · [`spec`] (OCI runtime spec) · [`network`] (CNI bridge, netns, isolation) ·
 //! [`image`] (references, registry, tarballs, the image store) · [`runtime`] (the only module
 //! that talks to containerd) · [`dirs`] (state directory layout) · [`logs`] (rotation) ·
-//! [`capacity`] · [`metrics`] · [`ingress`] (the HTTP reverse proxy to pods).
+//! [`capacity`] · [`metrics`] · [`ingress`] (the HTTP reverse proxy to pods) · [`ssh`] (the SSH
+//! gateway into pods).
 
 pub mod agent;
 pub mod capacity;
@@ -27,6 +28,7 @@ pub mod pods;
 pub mod runtime;
 pub mod sampler;
 pub mod spec;
+pub mod ssh;
 pub mod transfer;
 
 /// An error's message followed by those of its sources, `: `-separated, skipping a source whose

@@ -19,6 +19,11 @@
 //! - `instapod_node_agent_{capacity,allocatable,allocated}_{cpu_cores,memory_bytes,disk_bytes}`
 //!   and `instapod_node_agent_filesystem_avail_bytes` — what the node has, what pods may
 //!   reserve, what they do reserve, and the free space of the state directory's filesystem
+//! - `instapod_node_agent_ssh_sessions_total{outcome}` — SSH sessions by how they ended
+//!   (`exited_zero`, `exited_nonzero`, `refused`, `error`)
+//! - `instapod_node_agent_ssh_auth_failures_total{reason}` — refused SSH authentications
+//!   (`denied`, `rate_limited`, `control_plane_unavailable`)
+//! - `instapod_node_agent_ssh_sessions_active` — SSH sessions running a process now (gauge)
 //!
 //! The full list, with the pod sampler's and the ingress's series, is the catalogue
 //! [`instapod_common::metrics::NODE_AGENT`] (described at start-up; `docs/metrics.md`).

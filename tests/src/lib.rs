@@ -40,6 +40,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod smtp;
 pub mod standalone_agent;
+pub mod ssh;
 pub mod users;
 
 pub use browser::{Browser, StaticPage};

@@ -34,6 +34,8 @@ pub struct NodeSettings {
     pub ingress_port: u16,
     /// The agent's peer endpoint (volume transfers) on loopback.
     pub peer_port: u16,
+    /// The agent's SSH gateway on loopback.
+    pub ssh_port: u16,
 }
 
 impl NodeSettings {
@@ -48,6 +50,7 @@ impl NodeSettings {
             metrics_port: process::free_port(),
             ingress_port: process::free_port(),
             peer_port: process::free_port(),
+            ssh_port: process::free_port(),
         }
     }
 
@@ -72,6 +75,10 @@ impl NodeSettings {
             ingress_listen: ([127, 0, 0, 1], self.ingress_port).into(),
             peer_listen: ([127, 0, 0, 1], self.peer_port).into(),
             dns_servers: vec![self.gateway()],
+            ssh: instapod_node_agent::config::SshConfig {
+                listen: ([127, 0, 0, 1], self.ssh_port).into(),
+                ..Default::default()
+            },
             // In-process agents (`TestNode`) run inside a test binary: the shim must start the
             // real agent binary as the log driver.
             log_driver: agent_binary(),
@@ -106,6 +113,10 @@ impl NodeSettings {
                 format!("127.0.0.1:{}", self.peer_port),
             ),
             ("INSTAPOD_AGENT_DNS_SERVERS".into(), format!("[\"{}\"]", self.gateway())),
+            (
+                "INSTAPOD_AGENT_SSH__LISTEN".into(),
+                format!("127.0.0.1:{}", self.ssh_port),
+            ),
             ("INSTAPOD_AGENT_NETWORK__BRIDGE".into(), self.bridge.clone()),
             (
                 "INSTAPOD_AGENT_NETWORK__SUBNET".into(),

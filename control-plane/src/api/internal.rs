@@ -1,5 +1,6 @@
 //! The internal API for node agents, under `/internal` (not part of the public spec or the
-//! OpenAPI document): join, heartbeat, pod reports, the fleet's ingress routes and pod metric samples. The bodies are the wire types of
+//! OpenAPI document): join, heartbeat, pod reports, the fleet's ingress routes, pod metric samples
+//! and the SSH gateways' authorization question. The bodies are the wire types of
 //! `instapod_common::node`; the rules are in `nodes` and in docs/api.md.
 //!
 //! Agents authenticate with `Authorization: Bearer …` only: the fleet's join token for a join,
@@ -7,7 +8,9 @@
 //! same-origin hoop (which only refuses unsafe requests naming a foreign `Origin`) never stands
 //! in their way, and the session hoop (`require_auth`) is not on these routes.
 
-use instapod_common::node::{Heartbeat, JoinRequest, JoinResponse, ReportBatch, node_queue};
+use instapod_common::node::{
+    Heartbeat, JoinRequest, JoinResponse, ReportBatch, SshAuthorization, SshAuthorizeRequest, node_queue,
+};
 use instapod_common::pod_metrics::{MAX_SAMPLES_PER_BATCH, SampleBatch};
 use salvo::http::{HeaderValue, StatusCode};
 use salvo::prelude::*;
@@ -92,6 +95,13 @@ pub async fn heartbeat(req: &mut Request, depot: &mut Depot) -> Result<Json<Hear
         .map_err(ApiError::validation)?;
     store::record_heartbeat(&app(depot).db, &node, &input).await?;
     store::record_peer_addr(&app(depot).db, &node, peer_addr.as_deref()).await?;
+    let ssh_addr = body
+        .ssh_addr
+        .as_deref()
+        .map(crate::pods::validate::peer_addr)
+        .transpose()
+        .map_err(ApiError::validation)?;
+    store::record_ssh_addr(&app(depot).db, &node, ssh_addr.as_deref()).await?;
     Ok(Json(HeartbeatAnswer {
         node_id: node.id,
         status: NodeStatus::Healthy,
@@ -214,4 +224,36 @@ fn if_none_match(req: &Request) -> Option<String> {
     let raw = req.headers().get("if-none-match")?.to_str().ok()?.trim();
     let tag = raw.strip_prefix("W/").unwrap_or(raw);
     Some(tag.trim_matches('"').to_string())
+}
+
+/// `POST /internal/nodes/{id}/ssh/authorize`: may this (signature-verified) key log into this
+/// username? Asked by the node's SSH gateway at every authentication attempt, so a removed key
+/// stops working at once. 200 with the pod, or 403 `ssh_denied` (unknown username, key not
+/// registered on that pod, pod deleted, or a username naming several pods).
+#[handler]
+pub async fn ssh_authorize(req: &mut Request, depot: &mut Depot) -> Result<Json<SshAuthorization>, ApiError> {
+    let node = authenticate_node(req, depot).await?;
+    let body: SshAuthorizeRequest = json::read_with_limit(req, MAX_NODE_JSON_BODY).await?;
+    let denied = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "ssh_denied",
+            "this key may not log into this pod",
+        )
+    };
+    let fingerprint = crate::ssh::keys::fingerprint_of(&body.public_key).ok_or_else(denied)?;
+    if body.username.len() > 200 {
+        return Err(denied());
+    }
+    let Some(authorized) = crate::ssh::store::authorize(&app(depot).db, &body.username, &fingerprint).await? else {
+        tracing::info!(node_id = %node.id, username = %body.username, %fingerprint, "ssh key refused");
+        return Err(denied());
+    };
+    Ok(Json(SshAuthorization {
+        pod_id: authorized.pod_id,
+        pod_name: authorized.pod_name,
+        on_this_node: authorized.node_id == Some(node.id),
+        node_name: authorized.node_name,
+        node_ssh_addr: authorized.node_ssh_addr,
+    }))
 }

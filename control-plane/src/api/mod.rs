@@ -12,4 +12,5 @@ pub mod pages;
 pub mod platform;
 pub mod pods;
 pub mod responses;
+pub mod ssh;
 pub mod teams;

@@ -73,7 +73,14 @@ fn api_router() -> Router {
                 .put(api::files::write),
         )
         .push(Router::with_path("pods/{name}/files/upload").post(api::files::upload))
-        .push(Router::with_path("pods/{name}/folders").post(api::files::create_folder));
+        .push(Router::with_path("pods/{name}/folders").post(api::files::create_folder))
+        .push(Router::with_path("pods/{name}/ssh").get(api::ssh::connection))
+        .push(
+            Router::with_path("pods/{name}/ssh/keys")
+                .get(api::ssh::list_keys)
+                .post(api::ssh::add_key)
+                .delete(api::ssh::remove_key),
+        );
     Router::with_path("api").push(public).push(authenticated)
 }
 
@@ -85,6 +92,7 @@ fn internal_router() -> Router {
         .push(Router::with_path("{id}/reports").post(api::internal::reports))
         .push(Router::with_path("{id}/routes").get(api::internal::routes))
         .push(Router::with_path("{id}/metrics").post(api::internal::metrics))
+        .push(Router::with_path("{id}/ssh/authorize").post(api::internal::ssh_authorize))
 }
 
 fn platform_router() -> Router {

@@ -318,6 +318,24 @@ pub async fn record_reports(
     Ok(inserted)
 }
 
+/// Records where the node's SSH gateway is reached, as its heartbeat says; a row that already
+/// holds it is not written.
+pub async fn record_ssh_addr(
+    pool: &Pool,
+    node: &AuthenticatedNode,
+    ssh_addr: Option<&str>,
+) -> Result<(), HeartbeatError> {
+    let client = db::connect(pool).await?;
+    client
+        .execute(
+            "UPDATE nodes SET ssh_addr = $3
+             WHERE id = $1 AND token_hash = $2 AND ssh_addr IS DISTINCT FROM $3",
+            &[&node.id, &node.token_hash, &ssh_addr],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Records where other nodes reach this node's peer endpoint (volume transfers for clones and
 /// moves), as its heartbeat says; a row that already holds it is not written.
 pub async fn record_peer_addr(

@@ -341,6 +341,7 @@ mod tests {
             }],
             ingress_addr: Some("10.0.0.5:80".to_string()),
             peer_addr: None,
+            ssh_addr: None,
         }
     }
 

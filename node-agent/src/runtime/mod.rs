@@ -12,11 +12,12 @@
 //!
 //! The services are split by concept: [`content`] (leases and the content store), [`images`]
 //! (image records, unpacking layers into snapshots), [`containers`] (containers, tasks and the
-//! exit/OOM event stream).
+//! exit/OOM event stream), [`exec`] (processes run in a pod's container, for SSH sessions).
 
 pub mod containers;
 pub mod content;
 mod error;
+pub mod exec;
 pub mod images;
 pub mod stats;
 
