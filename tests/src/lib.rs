@@ -39,8 +39,8 @@ pub mod redis;
 pub mod registry;
 pub mod scheduler;
 pub mod smtp;
-pub mod standalone_agent;
 pub mod ssh;
+pub mod standalone_agent;
 pub mod users;
 
 pub use browser::{Browser, StaticPage};

@@ -377,11 +377,13 @@ async fn openssh_into_a_pod_and_every_refusal() {
     // Metrics: sessions by outcome and refused authentications.
     let text = metrics(&fleet).await;
     assert!(
-        text.contains("instapod_node_agent_ssh_sessions_total{outcome=\"exited_nonzero\"}"),
+        text.contains("instapod_node_agent_ssh_sessions_total{outcome=\"exited_nonzero\"}")
+            && !text.contains("instapod_node_agent_ssh_sessions_total{outcome=\"exited_nonzero\"} 0\n"),
         "{text}"
     );
     assert!(
-        text.contains("instapod_node_agent_ssh_auth_failures_total{reason=\"denied\"}"),
+        text.contains("instapod_node_agent_ssh_auth_failures_total{reason=\"denied\"}")
+            && !text.contains("instapod_node_agent_ssh_auth_failures_total{reason=\"denied\"} 0\n"),
         "{text}"
     );
     assert!(text.contains("instapod_node_agent_ssh_sessions_active 0"), "{text}");
@@ -396,7 +398,11 @@ async fn openssh_into_a_pod_and_every_refusal() {
     assert_eq!((out.as_str(), status), ("", 255), "blocked address: {err}");
     let (out, _, status) = ssh_run(port, &key, &[], &user, "echo in").await;
     assert_eq!((out.as_str(), status), ("in\n", 0));
-    assert!(!metrics(&fleet).await.contains("instapod_node_agent_ssh_auth_failures_total{reason=\"rate_limited\"} 0"));
+    assert!(
+        !metrics(&fleet)
+            .await
+            .contains("instapod_node_agent_ssh_auth_failures_total{reason=\"rate_limited\"} 0\n")
+    );
 
     // The host key survives an agent restart.
     let before = ssh::host_fingerprint(port).await.expect("host key");
