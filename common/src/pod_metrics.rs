@@ -35,7 +35,7 @@ pub struct PodSample {
     /// Receive and send rates since the previous sample.
     pub rx_bytes_per_second: f64,
     pub tx_bytes_per_second: f64,
-    /// Space the pod's volume takes on disk (allocated blocks).
+    /// Bytes in the regular files of the pod's volume (apparent sizes, as the files API counts).
     pub disk_used_bytes: u64,
     /// The pod's disk quota.
     pub disk_quota_bytes: u64,

@@ -12,8 +12,8 @@
 //!
 //! *Limitations.* The veth's counters are the host side's, seen from the pod: what the host
 //! sent is what the pod received. A pod without a network attachment reports zero traffic.
-//! Disk usage counts allocated blocks as `du` does; hard links inside a volume are counted
-//! once per link.
+//! Disk usage is measured as the files API measures it (`files::volume::measure`: apparent
+//! sizes of regular files, symlinks not followed), so both report the same number.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -158,7 +158,7 @@ impl Samples {
         }
         let measured = tokio::task::spawn_blocking(move || {
             due.into_iter()
-                .map(|(id, volume)| (id, disk_usage(&volume)))
+                .map(|(id, volume)| (id, crate::files::volume::measure(&volume).unwrap_or(0)))
                 .collect::<Vec<_>>()
         })
         .await
@@ -225,32 +225,6 @@ fn veth_counters(host_veth: &str) -> (u64, u64) {
             .unwrap_or(0)
     };
     (read("tx_bytes"), read("rx_bytes"))
-}
-
-/// Bytes allocated to everything beneath `root` (`du`), without following symlinks or
-/// crossing into other file systems. Unreadable entries count as nothing.
-pub fn disk_usage(root: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(top) = std::fs::symlink_metadata(root) else {
-        return 0;
-    };
-    let device = top.dev();
-    let mut total = top.blocks() * 512;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.dev() != device {
-                continue;
-            }
-            total += meta.blocks() * 512;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
-    total
 }
 
 /// The per-pod families in Prometheus' text format, one series per pod labelled `pod_id`.
@@ -441,17 +415,5 @@ mod tests {
             render_prometheus(&[]).lines().filter(|l| !l.starts_with('#')).count(),
             0
         );
-    }
-
-    #[test]
-    fn disk_usage_adds_up_allocated_blocks_without_following_symlinks() {
-        let root = std::env::temp_dir().join(format!("instapod-du-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
-        std::fs::write(root.join("a/b/file"), vec![7u8; 1 << 20]).expect("write");
-        std::os::unix::fs::symlink("/usr", root.join("escape")).expect("symlink");
-        let used = disk_usage(&root);
-        assert!((1 << 20..4 << 20).contains(&used), "{used}");
-        assert_eq!(disk_usage(&root.join("missing")), 0);
-        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let db = cp.db().await;
     let filled = Instant::now();
     db.execute(
-        "INSERT INTO pods (team_id, name) SELECT $1, 'pod-' || lpad(i::text, 4, '0') FROM generate_series(1, $2) AS i",
+        "INSERT INTO pods (team_id, name) SELECT $1, 'pod-' || lpad(i::text, 4, '0') FROM generate_series(1, $2::bigint) AS i",
         &[&team, &PODS],
     )
     .await

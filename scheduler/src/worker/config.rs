@@ -29,7 +29,8 @@ pub struct Config {
     pub reconcile_interval_secs: u64,
     /// Grace period of stops, in seconds. Default 10.
     pub stop_grace_secs: u32,
-    /// Where `/metrics` (Prometheus text) is served. Default `127.0.0.1:9102`.
+    /// Where `/metrics` (Prometheus text) is served. Default `127.0.0.1:9103` (a node agent's
+    /// `/metrics` and peer endpoint use 9101 and 9102, and a small fleet may run both on one host).
     pub metrics_listen: SocketAddr,
     /// `text` or `json`. Default `text`.
     pub log_format: LogFormat,
@@ -47,7 +48,7 @@ impl Default for Config {
             concurrency: 32,
             reconcile_interval_secs: 5,
             stop_grace_secs: 10,
-            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9103)),
             log_format: LogFormat::Text,
             log_filter: "info".to_string(),
         }
