@@ -309,6 +309,25 @@ pub async fn web_image() -> String {
         .clone()
 }
 
+/// Pushes (once per test binary) a busybox image with no entrypoint and `sh` as its command,
+/// for pods that run a script, and returns its reference in the harness registry.
+pub async fn shell_image() -> String {
+    static PUSHED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    PUSHED
+        .get_or_init(|| async {
+            let registry = registry::shared();
+            let repository = format!("test/shell-{}", &ids::random_suffix()[..8]);
+            ImageBuilder::busybox()
+                .build()
+                .push(&registry.base_url(), &repository, "1")
+                .await
+                .expect("push the shell image");
+            format!("{}/{repository}:1", registry.host())
+        })
+        .await
+        .clone()
+}
+
 /// Starts the agent binary with `env` (plus the node's settings); its log goes to a file.
 pub fn spawn_agent(settings: &NodeSettings, extra_env: &[(String, String)]) -> (Child, PathBuf) {
     let binary = agent_binary();

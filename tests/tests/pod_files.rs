@@ -15,8 +15,7 @@ use std::time::Duration;
 use anyhow::ensure;
 use base64::Engine;
 use instapod_tests::fleet::{Fleet, FleetOptions};
-use instapod_tests::images::ImageBuilder;
-use instapod_tests::{TestUser, eventually, ids, registry, scale_user};
+use instapod_tests::{TestUser, eventually, ids, scale_user};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -32,26 +31,8 @@ async fn fleet() -> Fleet {
     .await
 }
 
-/// A busybox image whose default command is `sh` (no entrypoint), pushed once per binary.
-async fn shell_image() -> String {
-    static PUSHED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    PUSHED
-        .get_or_init(|| async {
-            let registry = registry::shared();
-            let repository = format!("test/files-shell-{}", &ids::random_suffix()[..8]);
-            ImageBuilder::busybox()
-                .build()
-                .push(&registry.base_url(), &repository, "1")
-                .await
-                .expect("push the shell image");
-            format!("{}/{repository}:1", registry.host())
-        })
-        .await
-        .clone()
-}
-
 async fn create_pod(user: &TestUser, name: &str, region: &str, script: &str) -> Value {
-    let image = shell_image().await;
+    let image = instapod_tests::node::shell_image().await;
     user.client()
         .post_json(
             "/api/pods",

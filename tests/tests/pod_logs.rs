@@ -11,8 +11,7 @@ use std::time::Duration;
 use anyhow::ensure;
 use futures_util::StreamExt;
 use instapod_tests::fleet::{Fleet, FleetOptions};
-use instapod_tests::images::ImageBuilder;
-use instapod_tests::{TestUser, eventually, ids, registry, scale_user};
+use instapod_tests::{TestUser, eventually, scale_user};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -31,27 +30,9 @@ async fn fleet() -> Fleet {
     .await
 }
 
-/// A busybox image whose default command is `sh` (no entrypoint), pushed once per binary.
-async fn shell_image() -> String {
-    static PUSHED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    PUSHED
-        .get_or_init(|| async {
-            let registry = registry::shared();
-            let repository = format!("test/shell-{}", &ids::random_suffix()[..8]);
-            ImageBuilder::busybox()
-                .build()
-                .push(&registry.base_url(), &repository, "1")
-                .await
-                .expect("push the shell image");
-            format!("{}/{repository}:1", registry.host())
-        })
-        .await
-        .clone()
-}
-
 /// Creates pod `name` in region `local` running `script` and waits until it runs.
 async fn run_pod(user: &TestUser, name: &str, script: &str) -> Value {
-    let image = shell_image().await;
+    let image = instapod_tests::node::shell_image().await;
     user.client()
         .post_json(
             "/api/pods",

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use instapod_tests::fleet::{Fleet, FleetOptions};
-use instapod_tests::images::ImageBuilder;
-use instapod_tests::{TestUser, eventually, ids, node, register_and_login, registry, scale_user};
+use instapod_tests::{TestUser, eventually, node, register_and_login, scale_user};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -30,28 +29,10 @@ async fn fleet() -> Fleet {
     .await
 }
 
-/// A busybox image whose default command is `sh`, pushed once per binary.
-async fn shell_image() -> String {
-    static PUSHED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    PUSHED
-        .get_or_init(|| async {
-            let registry = registry::shared();
-            let repository = format!("test/shell-{}", &ids::random_suffix()[..8]);
-            ImageBuilder::busybox()
-                .build()
-                .push(&registry.base_url(), &repository, "1")
-                .await
-                .expect("push the shell image");
-            format!("{}/{repository}:1", registry.host())
-        })
-        .await
-        .clone()
-}
-
 /// Creates pod `name` (starter plan: 0.5 cores, 512 MiB, 5 GB) running `script`; waits until
 /// it runs and returns it.
 async fn run_pod(user: &TestUser, name: &str, script: &str) -> Value {
-    let image = shell_image().await;
+    let image = instapod_tests::node::shell_image().await;
     user.client()
         .post_json(
             "/api/pods",

@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use instapod_tests::fleet::{Fleet, FleetOptions};
-use instapod_tests::images::ImageBuilder;
 use instapod_tests::ssh::{self, KeyPair};
-use instapod_tests::{TestUser, eventually, ids, process, registry, scale_user};
+use instapod_tests::{TestUser, eventually, ids, process, scale_user};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -33,27 +32,9 @@ async fn fleet() -> Fleet {
     .await
 }
 
-/// A busybox image (`sh`, `stty`, `hostname`…), pushed once per binary.
-async fn shell_image() -> String {
-    static PUSHED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    PUSHED
-        .get_or_init(|| async {
-            let registry = registry::shared();
-            let repository = format!("test/ssh-{}", &ids::random_suffix()[..8]);
-            ImageBuilder::busybox()
-                .build()
-                .push(&registry.base_url(), &repository, "1")
-                .await
-                .expect("push the shell image");
-            format!("{}/{repository}:1", registry.host())
-        })
-        .await
-        .clone()
-}
-
 /// Creates pod `name` running `script` (no wait).
 async fn create_pod(user: &TestUser, name: &str, script: &str) {
-    let image = shell_image().await;
+    let image = instapod_tests::node::shell_image().await;
     user.client()
         .post_json(
             "/api/pods",
