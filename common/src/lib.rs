@@ -6,6 +6,7 @@
 //! both sides of a queue or an HTTP call compile against one definition.
 
 pub mod config;
+pub mod domains;
 pub mod files;
 pub mod logs;
 pub mod metrics;
