@@ -186,7 +186,7 @@ impl std::fmt::Debug for ServedDomains {
 }
 
 /// One served custom domain.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServedDomain {
     pub domain_id: Uuid,
     pub pod_id: Uuid,
