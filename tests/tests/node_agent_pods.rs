@@ -215,6 +215,50 @@ async fn a_job_delivered_twice_makes_one_container_and_a_second_pod_reuses_the_i
     }
 }
 
+/// Four images that share their layer (same busybox tar, different configs), pulled at the
+/// same time: each pull writes the shared blob through its own ingest, so none of them fails
+/// on another's partial write (containerd answered `OutOfRange` when two writes shared one).
+#[tokio::test]
+async fn images_sharing_a_layer_are_pulled_at_the_same_time() {
+    let mut node = TestNode::start("shared-layer").await;
+    let registry = instapod_tests::registry::shared();
+    let mut specs = Vec::new();
+    for round in 0..4 {
+        let repository = format!("test/shared-{}-{round}", &instapod_tests::ids::random_suffix()[..8]);
+        ImageBuilder::busybox()
+            .entrypoint(["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/data"])
+            .env("ROUND", &round.to_string())
+            .build()
+            .push(&registry.base_url(), &repository, "1")
+            .await
+            .expect("push");
+        specs.push(pod_spec(&format!("{}/{repository}:1", registry.host()), 1));
+    }
+    let outcomes = futures_util::future::join_all(specs.iter().map(|spec| ensure(&node, spec))).await;
+    assert!(outcomes.iter().all(|o| *o == Outcome::Applied), "{outcomes:?}");
+    let mut seen = Vec::new();
+    for spec in &specs {
+        wait_report(&mut node, &mut seen, spec.pod_id, NodePodState::Running).await;
+    }
+    let pulls = node
+        .pods
+        .images()
+        .stats
+        .pulls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(pulls, 4, "one pull per image");
+    for spec in &specs {
+        node.pods
+            .handle(&NodeJob::Delete {
+                pod_id: spec.pod_id,
+                generation: 9,
+                retain_volume: false,
+            })
+            .await
+            .expect("delete");
+    }
+}
+
 #[tokio::test]
 async fn a_process_past_the_memory_limit_is_oom_killed_and_reported() {
     let mut node = TestNode::start("oom").await;

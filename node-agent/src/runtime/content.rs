@@ -5,7 +5,12 @@
 //! containerd's garbage collector cannot remove a layer between its write and the moment the
 //! image record (and the `containerd.io/gc.ref.*` labels on its parents) references it. Leases
 //! carry a `containerd.io/gc.expire` label, so one left behind by a crashed agent expires by
-//! itself. A blob that exists already is not written again.
+//! itself. A blob that exists already is not written again. Every write has its own ingest
+//! ref (the digest plus a random suffix): two pulls that share a layer (two images, or a job
+//! retried while the first attempt still runs) never write into one ingest, where containerd
+//! would fail the second with `OutOfRange` offsets; the first commit wins and the other gets
+//! `AlreadyExists`. A write that does not commit aborts its ingest (best effort; the lease
+//! covers the rest).
 
 use std::collections::HashMap;
 
@@ -13,7 +18,7 @@ use bytes::Bytes;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::{
-    CreateRequest, DeleteRequest, InfoRequest, ReadContentRequest, WriteAction, WriteContentRequest,
+    AbortRequest, CreateRequest, DeleteRequest, InfoRequest, ReadContentRequest, WriteAction, WriteContentRequest,
 };
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -103,7 +108,11 @@ impl Runtime {
         if self.has_blob(&blob.digest).await? {
             return Ok(false);
         }
-        let reference = format!("instapod-{}", blob.digest.replace(':', "-"));
+        let reference = format!(
+            "instapod-{}-{}",
+            blob.digest.replace(':', "-"),
+            uuid::Uuid::new_v4().simple()
+        );
         let (tx, mut rx) = mpsc::channel::<WriteContentRequest>(4);
         let (failure_tx, failure_rx) = tokio::sync::oneshot::channel::<String>();
         let commit = blob.clone();
@@ -174,7 +183,11 @@ impl Runtime {
         }
         .await;
         let _ = feeder.await;
-        match (outcome, failure_rx.await) {
+        let failure = failure_rx.await;
+        if !matches!((&outcome, &failure), (Ok(true), Err(_))) {
+            self.abort_ingest(&reference).await;
+        }
+        match (outcome, failure) {
             (_, Ok(failure)) => Err(RuntimeError::Invalid(format!("writing {}: {failure}", blob.digest))),
             (Ok(true), Err(_)) => Ok(true),
             (Ok(false), Err(_)) => Err(RuntimeError::Invalid(format!(
@@ -183,6 +196,21 @@ impl Runtime {
             ))),
             (Err(RuntimeError::AlreadyExists { .. }), Err(_)) => Ok(false),
             (Err(err), Err(_)) => Err(err),
+        }
+    }
+
+    /// Drops the partial data of an ingest that will not commit; an ingest that is gone
+    /// already (never started, or committed by containerd before the error) is fine.
+    async fn abort_ingest(&self, reference: &str) {
+        let result = ContentClient::new(self.channel())
+            .abort(self.request(AbortRequest {
+                r#ref: reference.to_string(),
+            }))
+            .await;
+        if let Err(status) = result
+            && status.code() != containerd_client::tonic::Code::NotFound
+        {
+            tracing::debug!(reference, error = %status.message(), "aborting an ingest failed");
         }
     }
 
