@@ -100,7 +100,7 @@ pub const CONTROL_PLANE: &[Metric] = &[
     counter(
         "instapod_control_plane_jobs_enqueued_total",
         &["queue", "kind", "outcome"],
-        "Jobs pushed to a queue, by queue, what caused them (create, clone, start, stop, restart, delete, resize) and outcome (ok, error, timeout)",
+        "Jobs pushed to a queue, by queue (pods, domains), what caused them (create, clone, start, stop, restart, delete, resize; verify, reverify, issue, renew_or_retry) and outcome (ok, error, timeout)",
     ),
     gauge(
         "instapod_control_plane_queue_depth",
@@ -141,6 +141,16 @@ pub const CONTROL_PLANE: &[Metric] = &[
         "instapod_control_plane_ingress_routes",
         &[],
         "Ingress routes in the control plane's cache",
+    ),
+    gauge(
+        "instapod_control_plane_domains",
+        &["status"],
+        "Custom domains by status (pending_dns, verified, issuing_certificate, active, failed), set by the domain worker every pass",
+    ),
+    counter(
+        "instapod_control_plane_domain_reports_total",
+        &["report", "outcome"],
+        "Node reports about custom domains, by report (verification, certificate, certificate_failure) and outcome (verified, failed, inconclusive, stored, invalid, rate_limited, not_found)",
     ),
 ];
 

@@ -81,6 +81,62 @@ pub struct Config {
     /// bytes; larger uploads are refused with 413 and nothing is kept. The pod's disk limits
     /// uploads too (507). Default 1073741824 (1 GiB).
     pub files_max_upload_bytes: u64,
+    /// Custom domains: DNS verification and ACME certificates.
+    pub domains: DomainsConfig,
+}
+
+/// Custom domains (`[domains]`): the ACME CA, the key that encrypts private keys at rest, what
+/// apex domains point at, and the workers' periods.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DomainsConfig {
+    /// The ACME directory every node orders certificates from. Default Let's Encrypt's
+    /// production directory.
+    pub acme_directory_url: String,
+    /// Contact e-mail addresses for the platform's ACME account (`ops@example.com` or
+    /// `mailto:ops@example.com`). Default: none.
+    pub acme_contact: Vec<String>,
+    /// 32 random bytes, base64 (`head -c 32 /dev/urandom | base64`): encrypts certificates'
+    /// private keys and the ACME account's credentials in Postgres (AES-256-GCM). Required for
+    /// custom domains: while it is empty the domain endpoints answer 503
+    /// `domains_not_configured`. Changing it makes the stored keys unreadable (domains must be
+    /// verified again). Default: empty.
+    pub key_encryption_key: Secret,
+    /// The addresses of the ingresses (A/AAAA records) that apex domains (`example.com`, which
+    /// cannot have a CNAME) must point at; also accepted instead of the CNAME for any domain.
+    /// Empty (the default): apex domains are refused.
+    pub ingress_addresses: Vec<IpAddr>,
+    /// Seconds between re-verifications of a verified domain's DNS records; a domain whose
+    /// proof is gone is detached. Default 21600 (6 hours).
+    pub reverify_interval_secs: u64,
+    /// A certificate is renewed when it expires within this many seconds. Default 2592000
+    /// (30 days).
+    pub renew_before_secs: u64,
+    /// The first wait after a failed certificate order, in seconds; doubled after each further
+    /// failure. Default 60.
+    pub retry_min_secs: u64,
+    /// The longest wait between certificate orders, in seconds (a CA's `Retry-After` may ask
+    /// for more). Default 21600 (6 hours).
+    pub retry_max_secs: u64,
+    /// Seconds between two passes of the domain worker (re-verification, renewal, retries).
+    /// Default 30.
+    pub worker_interval_secs: u64,
+}
+
+impl Default for DomainsConfig {
+    fn default() -> Self {
+        DomainsConfig {
+            acme_directory_url: "https://acme-v02.api.letsencrypt.org/directory".to_string(),
+            acme_contact: Vec::new(),
+            key_encryption_key: Secret::default(),
+            ingress_addresses: Vec::new(),
+            reverify_interval_secs: 6 * 3_600,
+            renew_before_secs: 30 * 86_400,
+            retry_min_secs: 60,
+            retry_max_secs: 6 * 3_600,
+            worker_interval_secs: 30,
+        }
+    }
 }
 
 /// Outgoing mail: verification and password-reset messages.
@@ -126,6 +182,7 @@ impl Default for Config {
             metrics_hour_retention_secs: 31 * 86_400,
             metrics_retention_interval_secs: 60,
             files_max_upload_bytes: 1024 * 1024 * 1024,
+            domains: DomainsConfig::default(),
         }
     }
 }
@@ -231,12 +288,71 @@ impl Config {
                 ));
             }
         }
+        self.domains.validate(&mut problems);
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// The host name of `public_url` (lowercase, without port), when it has one.
+    pub fn public_host(&self) -> Option<String> {
+        let rest = self.public_url.split_once("://")?.1;
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+        let host = if let Some(v6) = authority.strip_prefix('[') {
+            v6.split(']').next()?
+        } else {
+            authority.split(':').next()?
+        };
+        (!host.is_empty()).then(|| host.trim_end_matches('.').to_ascii_lowercase())
     }
 
     /// Whether users reach us over HTTPS (then cookies are `Secure`).
     pub fn served_over_https(&self) -> bool {
         self.public_url.starts_with("https://")
+    }
+}
+
+impl DomainsConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if !self.acme_directory_url.starts_with("https://") && !self.acme_directory_url.starts_with("http://") {
+            problems.push(format!(
+                "domains.acme_directory_url {:?} must be an http(s) URL",
+                self.acme_directory_url
+            ));
+        }
+        if !self.key_encryption_key.expose().is_empty()
+            && let Err(err) = crate::domains::crypto::KeyEncryptionKey::from_base64(self.key_encryption_key.expose())
+        {
+            problems.push(format!("domains.key_encryption_key: {err}"));
+        }
+        for contact in &self.acme_contact {
+            let address = contact.strip_prefix("mailto:").unwrap_or(contact);
+            if !address.contains('@') || address.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                problems.push(format!("domains.acme_contact: {contact:?} is not an e-mail address"));
+            }
+        }
+        if self.reverify_interval_secs == 0 {
+            problems.push("domains.reverify_interval_secs must be at least 1".to_string());
+        }
+        if self.retry_min_secs == 0 || self.retry_max_secs < self.retry_min_secs {
+            problems.push("domains.retry_min_secs must be at least 1 and at most domains.retry_max_secs".to_string());
+        }
+        if self.worker_interval_secs == 0 {
+            problems.push("domains.worker_interval_secs must be at least 1".to_string());
+        }
+    }
+
+    /// The contact URLs for a new ACME account (`mailto:` added where missing).
+    pub fn acme_contact_urls(&self) -> Vec<String> {
+        self.acme_contact
+            .iter()
+            .map(|c| {
+                if c.starts_with("mailto:") {
+                    c.clone()
+                } else {
+                    format!("mailto:{c}")
+                }
+            })
+            .collect()
     }
 }
 
@@ -301,5 +417,64 @@ mod tests {
             },
             Some("runtime_images.static"),
         );
+    }
+
+    #[test]
+    fn domain_settings_are_validated() {
+        let with = |domains: DomainsConfig| Config {
+            domains,
+            ..Config::default()
+        };
+        check(
+            with(DomainsConfig {
+                key_encryption_key: Secret::new("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="),
+                acme_contact: vec!["ops@example.com".into(), "mailto:sec@example.com".into()],
+                ..DomainsConfig::default()
+            }),
+            None,
+        );
+        check(
+            with(DomainsConfig {
+                key_encryption_key: Secret::new("c2hvcnQ="),
+                ..DomainsConfig::default()
+            }),
+            Some("domains.key_encryption_key: must be 32 bytes"),
+        );
+        check(
+            with(DomainsConfig {
+                acme_contact: vec!["not an address".into()],
+                ..DomainsConfig::default()
+            }),
+            Some("domains.acme_contact"),
+        );
+        check(
+            with(DomainsConfig {
+                retry_min_secs: 600,
+                retry_max_secs: 60,
+                ..DomainsConfig::default()
+            }),
+            Some("domains.retry_min_secs"),
+        );
+        let contacts = DomainsConfig {
+            acme_contact: vec!["ops@example.com".into(), "mailto:sec@example.com".into()],
+            ..DomainsConfig::default()
+        }
+        .acme_contact_urls();
+        assert_eq!(contacts, vec!["mailto:ops@example.com", "mailto:sec@example.com"]);
+    }
+
+    #[test]
+    fn the_public_host_is_read_from_the_public_url() {
+        let host = |url: &str| {
+            Config {
+                public_url: url.to_string(),
+                ..Config::default()
+            }
+            .public_host()
+        };
+        assert_eq!(host("https://Console.Example.com"), Some("console.example.com".into()));
+        assert_eq!(host("http://127.0.0.1:8080"), Some("127.0.0.1".into()));
+        assert_eq!(host("https://[2001:db8::1]:443/x"), Some("2001:db8::1".into()));
+        assert_eq!(host("https://user@host.example:8443/path"), Some("host.example".into()));
     }
 }

@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod domains;
 pub mod error;
 pub mod http;
 pub mod mail;
@@ -85,6 +86,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = db::create_pool(&config)?;
     let rate_limiter = ratelimit::RateLimiter::new(&config)?;
     let config = Arc::new(config);
+    let domains = Arc::new(domains::Domains::new(&config)?);
+    if domains.key.is_none() {
+        tracing::warn!("custom domains are disabled: [domains] key_encryption_key is not set");
+    }
     let session_lookup = accounts::sessions::SessionLookup::start(&config);
     let state = AppState {
         config: config.clone(),
@@ -95,6 +100,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         pod_queue: Arc::new(pods::queue::PodQueue::new(config.redis_url.expose())),
         ingress_routes: Arc::new(nodes::routes::RouteCache::new(config.node_join_token.expose())),
         node_http: pods::logs::node_http_client(),
+        domains: domains.clone(),
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -117,6 +123,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.redis_url.expose().to_string(),
         shutdown_rx.clone(),
     ));
+    let domains_task = tokio::spawn(domains::worker::run(db.clone(), domains, shutdown_rx.clone()));
     let upkeep_task = tokio::spawn(metrics_upkeep(metrics, shutdown_rx));
 
     let acceptor = TcpListener::new(config.listen)
@@ -139,7 +146,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         node_health_task,
         retention_task,
         upkeep_task,
-        queue_depth_task
+        queue_depth_task,
+        domains_task
     );
     Ok(())
 }

@@ -21,6 +21,7 @@ use crate::db::Pool;
 
 pub const JOBS_ENQUEUED: &str = "instapod_control_plane_jobs_enqueued_total";
 pub const QUEUE_DEPTH: &str = "instapod_control_plane_queue_depth";
+pub const DOMAIN_REPORTS: &str = "instapod_control_plane_domain_reports_total";
 
 /// How often the queues' depth is read from Redis.
 pub const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(15);
@@ -43,6 +44,13 @@ pub fn refresh_db_pool(pool: &Pool) {
 /// `outcome` `ok`, `error` or `timeout`.
 pub fn job_enqueued(queue: &'static str, kind: &'static str, outcome: &'static str) {
     metrics::counter!(JOBS_ENQUEUED, "queue" => queue, "kind" => kind, "outcome" => outcome).increment(1);
+}
+
+/// A node's report about a custom domain: `report` is `verification`, `certificate` or
+/// `certificate_failure`; `outcome` a fixed word (verified, failed, inconclusive, stored,
+/// invalid, rate_limited, not_found).
+pub fn domain_report(report: &'static str, outcome: &'static str) {
+    metrics::counter!(DOMAIN_REPORTS, "report" => report, "outcome" => outcome).increment(1);
 }
 
 /// The queue-depth worker: samples until `shutdown` changes.

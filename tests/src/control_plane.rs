@@ -228,6 +228,8 @@ async fn spawn(options: &ControlPlaneOptions) -> Spawned {
         .env("INSTAPOD_DATABASE_URL", &database_url)
         .env("INSTAPOD_REDIS_URL", &redis_url)
         .env("INSTAPOD_LOG_FORMAT", "text")
+        // Custom domains need a key to seal certificate keys at rest: a fresh one per process.
+        .env("INSTAPOD_DOMAINS__KEY_ENCRYPTION_KEY", domains_key())
         .env("RUST_BACKTRACE", "1")
         // The log goes to a file that is printed on failure: no colour escapes.
         .env("NO_COLOR", "1");
@@ -263,6 +265,15 @@ async fn spawn(options: &ControlPlaneOptions) -> Spawned {
         log_path,
         child,
     }
+}
+
+/// A random `[domains] key_encryption_key` (base64 of 32 bytes).
+fn domains_key() -> String {
+    use base64::Engine as _;
+    let mut bytes = Vec::with_capacity(32);
+    bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 impl ControlPlane {

@@ -36,6 +36,10 @@ const EVENT_ONLY: &[(&str, &str)] = &[
         "instapod_control_plane_ingress_routes",
         "a route feed read that changed",
     ),
+    (
+        "instapod_control_plane_domain_reports_total",
+        "a node reports about a custom domain",
+    ),
     ("instapod_node_agent_containerd_errors_total", "a containerd call fails"),
     ("instapod_node_agent_log_followers", "someone follows a log"),
     (

@@ -119,6 +119,9 @@ async fn openapi_lists_every_implemented_path() {
         ("/api/pods/{name}/files/content", &["get", "put"]),
         ("/api/pods/{name}/files/upload", &["post"]),
         ("/api/pods/{name}/folders", &["post"]),
+        ("/api/pods/{name}/domains", &["get", "post"]),
+        ("/api/pods/{name}/domains/{id}", &["delete"]),
+        ("/api/pods/{name}/domains/{id}/verify", &["post"]),
     ];
     let mut missing = Vec::new();
     for (path, methods) in expected {

@@ -41,7 +41,7 @@ pub struct ReportsAnswer {
 
 /// Authenticates the node named by the path's `{id}` with the request's bearer token. A
 /// malformed id answers like a wrong token: no node has it.
-async fn authenticate_node(req: &Request, depot: &Depot) -> Result<AuthenticatedNode, ApiError> {
+pub(crate) async fn authenticate_node(req: &Request, depot: &Depot) -> Result<AuthenticatedNode, ApiError> {
     let node_id = req.param::<Uuid>("id").ok_or(NodeAuthError::InvalidToken)?;
     let token = bearer_token(req);
     Ok(store::authenticate(&app(depot).db, node_id, token.as_deref()).await?)
@@ -220,7 +220,7 @@ pub async fn metrics(req: &mut Request, depot: &mut Depot) -> Result<Json<Report
 }
 
 /// The version named by `If-None-Match` (one entity tag, quotes and a weak prefix removed).
-fn if_none_match(req: &Request) -> Option<String> {
+pub(crate) fn if_none_match(req: &Request) -> Option<String> {
     let raw = req.headers().get("if-none-match")?.to_str().ok()?.trim();
     let tag = raw.strip_prefix("W/").unwrap_or(raw);
     Some(tag.trim_matches('"').to_string())

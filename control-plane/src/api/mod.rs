@@ -4,8 +4,10 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod domains;
 pub mod files;
 pub mod internal;
+pub mod internal_domains;
 pub mod logs;
 pub mod metrics;
 pub mod pages;

@@ -76,6 +76,13 @@ fn api_router() -> Router {
         .push(Router::with_path("pods/{name}/folders").post(api::files::create_folder))
         .push(Router::with_path("pods/{name}/ssh").get(api::ssh::connection))
         .push(
+            Router::with_path("pods/{name}/domains")
+                .get(api::domains::list)
+                .post(api::domains::add),
+        )
+        .push(Router::with_path("pods/{name}/domains/{id}").delete(api::domains::remove))
+        .push(Router::with_path("pods/{name}/domains/{id}/verify").post(api::domains::verify))
+        .push(
             Router::with_path("pods/{name}/ssh/keys")
                 .get(api::ssh::list_keys)
                 .post(api::ssh::add_key)
@@ -93,6 +100,18 @@ fn internal_router() -> Router {
         .push(Router::with_path("{id}/routes").get(api::internal::routes))
         .push(Router::with_path("{id}/metrics").post(api::internal::metrics))
         .push(Router::with_path("{id}/ssh/authorize").post(api::internal::ssh_authorize))
+        .push(Router::with_path("{id}/domains").get(api::internal_domains::served))
+        .push(Router::with_path("{id}/domains/{domain_id}/verification").post(api::internal_domains::verification))
+        .push(Router::with_path("{id}/domains/{domain_id}/certificate").put(api::internal_domains::certificate))
+        .push(
+            Router::with_path("{id}/domains/{domain_id}/certificate-failure")
+                .post(api::internal_domains::certificate_failure),
+        )
+        .push(
+            Router::with_path("{id}/acme-account")
+                .get(api::internal_domains::acme_account)
+                .put(api::internal_domains::put_acme_account),
+        )
 }
 
 fn platform_router() -> Router {

@@ -24,6 +24,8 @@ pub struct AppState {
     pub ingress_routes: Arc<crate::nodes::routes::RouteCache>,
     /// The client that reads pod logs from the agents' peer endpoints.
     pub node_http: reqwest::Client,
+    /// Custom domains: settings, key, queue and the served-domains feed.
+    pub domains: Arc<crate::domains::Domains>,
 }
 
 /// The state, which the router always injects.

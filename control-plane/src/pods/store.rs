@@ -407,6 +407,10 @@ pub async fn act(pool: &Pool, team_id: Uuid, name: &str, action: Action) -> Resu
                 &[&pod.id, &state, &desired, &restart],
             )
             .await?;
+            if action == Action::Delete {
+                // Its custom domains go with it at once: no longer served, free to claim again.
+                crate::domains::store::delete_all_of_pod(&tx, pod.id).await?;
+            }
             event(
                 &tx,
                 pod.id,
