@@ -330,6 +330,24 @@ fn list_text(values: &[String]) -> String {
     }
 }
 
+/// The checks as stored: at most 16, each with at most 16 values of at most
+/// [`MAX_AGENT_TEXT`] characters (what a resolver found is shown, not kept in bulk).
+fn bounded_checks(checks: &[RecordCheck]) -> Vec<RecordCheck> {
+    let values = |list: &[String]| list.iter().take(16).map(|v| agent_text(v)).collect::<Vec<_>>();
+    checks
+        .iter()
+        .take(16)
+        .map(|c| RecordCheck {
+            record_type: agent_text(&c.record_type),
+            name: agent_text(&c.name),
+            expected: values(&c.expected),
+            found: values(&c.found),
+            ok: c.ok,
+            error: c.error.as_deref().map(agent_text),
+        })
+        .collect()
+}
+
 /// What went wrong in a failed verification, naming what was found.
 pub fn failure_summary(checks: &[RecordCheck]) -> String {
     let problems: Vec<String> = checks
@@ -369,7 +387,8 @@ pub async fn record_verification(
     let Some(row) = tx
         .query_opt(
             "SELECT d.pod_id, d.hostname, d.status,
-                    EXISTS (SELECT 1 FROM domain_certificates c WHERE c.domain_id = d.id AND c.not_after > now())
+                    EXISTS (SELECT 1 FROM domain_certificates c WHERE c.domain_id = d.id AND c.not_after > now()),
+                    d.status_message
              FROM domains d JOIN pods p ON p.id = d.pod_id
              WHERE d.id = $1 AND p.desired_state <> 'deleted' FOR UPDATE OF d",
             &[&domain_id],
@@ -378,10 +397,10 @@ pub async fn record_verification(
     else {
         return Ok(VerificationOutcome::NotFound);
     };
-    let (pod_id, hostname, status, has_certificate): (Uuid, String, String, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (pod_id, hostname, status, has_certificate, old_message): (Uuid, String, String, bool, Option<String>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     let status = DomainStatus::parse(&status);
-    let checks = serde_json::to_value(&report.checks).unwrap_or(serde_json::Value::Null);
+    let checks = serde_json::to_value(bounded_checks(&report.checks)).unwrap_or(serde_json::Value::Null);
     let reverify_secs = reverify_after.as_secs_f64();
     // A failure is definite when every lookup answered (no resolver error): the records are
     // wrong or gone, not merely unreadable.
@@ -442,7 +461,10 @@ pub async fn record_verification(
                 &[&domain_id, &message, &checks],
             )
             .await?;
-            event(&tx, pod_id, EVENT_KIND, None, &format!("domain {hostname} {message}")).await?;
+            // The same report twice (a job delivered again) is one event.
+            if status != DomainStatus::Failed || old_message.as_deref() != Some(message.as_str()) {
+                event(&tx, pod_id, EVENT_KIND, None, &format!("domain {hostname} {message}")).await?;
+            }
             VerificationOutcome::Failed
         }
     };
@@ -499,6 +521,17 @@ pub async fn store_certificate(
     };
     let (pod_id, hostname, status): (Uuid, String, String) = (row.get(0), row.get(1), row.get(2));
     let status = DomainStatus::parse(&status);
+    // The same certificate twice (a report sent again) is stored once.
+    if tx
+        .query_opt(
+            "SELECT 1 FROM domain_certificates WHERE domain_id = $1 AND chain_pem = $2",
+            &[&domain_id, &chain_pem],
+        )
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
     tx.execute(
         "INSERT INTO domain_certificates (domain_id, chain_pem, key_encrypted, not_before, not_after, issuer)
          VALUES ($1, $2, $3, $4, $5, $6)",
