@@ -39,15 +39,6 @@ const PODS: usize = 100;
 const WINDOW: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(8);
 
-fn ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// `instapod_node_agent_sampling_duration_seconds_count` (0 before the first round), and the
 /// number of per-pod CPU series.
 async fn rounds_and_series(port: u16) -> anyhow::Result<(f64, usize)> {
@@ -73,7 +64,7 @@ struct Window {
 }
 
 async fn measure(agent_pid: u32, containerd_pid: u32, metrics_port: u16) -> anyhow::Result<Window> {
-    let hz = ticks_per_second();
+    let hz = instapod_tests::cpu::ticks_per_second();
     let (rounds_before, _) = rounds_and_series(metrics_port).await?;
     let (agent_before, containerd_before) = (cpu_ticks(agent_pid)?, cpu_ticks(containerd_pid)?);
     tokio::time::sleep(WINDOW).await;

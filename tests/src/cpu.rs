@@ -6,8 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
-fn ticks_per_second() -> f64 {
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 when it cannot be read): the
+/// unit of the CPU times in `/proc/<pid>/stat`.
+pub fn ticks_per_second() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
