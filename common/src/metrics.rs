@@ -378,6 +378,36 @@ pub const NODE_AGENT: &[Metric] = &[
         "When the route feed was last read successfully (Unix time)",
     ),
     counter(
+        "instapod_node_agent_ingress_tls_handshake_failures_total",
+        &["reason"],
+        "TLS handshakes at the ingress that failed (handshake) or timed out (timeout)",
+    ),
+    counter(
+        "instapod_node_agent_domain_jobs_total",
+        &["operation", "outcome"],
+        "Custom domain jobs (verify, issue_certificate) handled, by outcome",
+    ),
+    histogram(
+        "instapod_node_agent_domain_job_duration_seconds",
+        &["operation"],
+        "Time to handle a custom domain job (DNS checks, or an ACME order), by operation",
+    ),
+    counter(
+        "instapod_node_agent_domain_feed_polls_total",
+        &["outcome"],
+        "Polls of the control plane's served-domains feed, by outcome",
+    ),
+    gauge(
+        "instapod_node_agent_domains_served",
+        &[],
+        "Custom domains this node's ingress serves",
+    ),
+    gauge(
+        "instapod_node_agent_domain_certificate_expiry_seconds",
+        &[],
+        "The earliest expiry among the served custom domain certificates (Unix time)",
+    ),
+    counter(
         "instapod_node_agent_volume_transfers_total",
         &["side", "outcome"],
         "Volume copies between nodes (clone, move), by side (send, receive) and outcome",

@@ -2,9 +2,10 @@
 //! the job consumer, reconciliation, log rotation and the metrics endpoint.
 //!
 //! *Start-up order.* State directory → containerd (waits until it answers) → records loaded →
-//! metrics endpoint and ingress (pods that outlived an agent restart are reachable before the
+//! metrics endpoint, ingress and TLS ingress (pods that outlived an agent restart are reachable before the
 //! agent has joined) → join (retried until the control plane answers) → report and heartbeat
-//! loops, the ingress route feed (the other nodes' pods) and the SSH gateway (it asks the control
+//! loops, the ingress route feed (the other nodes' pods), the served-domains feed, the domain job
+//! consumer (`domains:<id>`) and the SSH gateway (it asks the control
 //! plane about every key, so it starts once joined) → a first reconcile (adopt,
 //! restart, remove) → the task-event watcher, the periodic reconcile and log rotation, the pod sampler → the job consumer (restarted when Redis goes away). SIGTERM or
 //! Ctrl-C stops it; pods keep running (they belong to containerd's shims, not to the agent).
@@ -115,8 +116,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     let remote_routes = Arc::new(crate::ingress::RemoteRoutes::default());
-    let ingress = crate::ingress::fleet_wide(pods.clone(), remote_routes.clone());
-    tokio::spawn(crate::ingress::run(config.ingress_listen, ingress));
+    let served_domains = Arc::new(crate::domains::Served::default());
+    let challenges = Arc::new(crate::domains::challenges::ChallengeStore::default());
+    let ingress = crate::ingress::fleet_wide(
+        pods.clone(),
+        remote_routes.clone(),
+        Arc::new(crate::domains::IngressDomains {
+            served: served_domains.clone(),
+            challenges: challenges.clone(),
+        }),
+    );
+    tokio::spawn(crate::ingress::run(config.ingress_listen, ingress.clone()));
+    let platform_certificate = match (&config.platform_cert_file, &config.platform_key_file) {
+        (Some(cert), Some(key)) => Some(crate::domains::tls::PlatformCertificate::load(cert, key)?),
+        _ => None,
+    };
+    let tls_config = crate::domains::tls::server_config(Arc::new(crate::domains::tls::SniResolver::new(
+        served_domains.clone(),
+        platform_certificate,
+    )))?;
+    tokio::spawn(crate::domains::tls::run(config.ingress_tls_listen, ingress, tls_config));
+    let dns = crate::domains::dns::HickoryLookup::new(
+        &config.domains.nameservers,
+        Duration::from_secs(config.domains.resolver_timeout_secs),
+    )?;
+    let issuer = Arc::new(crate::domains::acme::AcmeIssuer::new(
+        config.acme.ca_file.clone(),
+        challenges,
+    ));
     tokio::spawn(crate::transfer::run(config.peer_listen, pods.clone()));
     let fleet = loop {
         match Fleet::join(&config, &dirs.node_file()).await {
@@ -147,6 +174,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         remote_routes,
         shutdown.clone(),
     ));
+    tokio::spawn(crate::domains::feed::run(
+        fleet.clone(),
+        served_domains,
+        shutdown.clone(),
+    ));
+    {
+        let worker = crate::domains::jobs::DomainWorker {
+            fleet: fleet.clone(),
+            dns,
+            issuer,
+        };
+        let redis_url = config.redis_url.clone();
+        tokio::spawn(async move {
+            loop {
+                match crate::domains::jobs::run(redis_url.expose(), node_id, worker.clone()).await {
+                    Ok(()) => tracing::warn!("domain job consumer stopped; restarting"),
+                    Err(err) => tracing::warn!(error = %err, "domain job consumer failed; restarting"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     if let Err(err) = pods.reconcile().await {
         tracing::warn!(error = %err, "initial reconcile failed");
     }

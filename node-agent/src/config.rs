@@ -70,6 +70,18 @@ pub struct Config {
     /// on all addresses, the address this machine uses to reach the control plane, with
     /// `ingress_listen`'s port.
     pub ingress_advertise: Option<SocketAddr>,
+    /// Where the TLS ingress listens (HTTPS for custom domains with a certificate and, when
+    /// `platform_cert_file` is set, the platform's host names). Default `0.0.0.0:443`.
+    pub ingress_tls_listen: SocketAddr,
+    /// The platform's own certificate (PEM chain, e.g. `*.apps.example.com`), served on the TLS
+    /// ingress for the names it covers. Optional; needs `platform_key_file`.
+    pub platform_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `platform_cert_file`.
+    pub platform_key_file: Option<PathBuf>,
+    /// Custom domains: how their DNS records are checked.
+    pub domains: DomainsConfig,
+    /// The ACME client that orders custom domains' certificates.
+    pub acme: AcmeConfig,
     /// Where the peer endpoint listens: other nodes pull pod volumes from it (clones and moves),
     /// each pull authorised by a one-time token. Default `0.0.0.0:9102`.
     pub peer_listen: SocketAddr,
@@ -90,6 +102,36 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter in `RUST_LOG` syntax. Default `info`.
     pub log_filter: String,
+}
+
+/// DNS verification of custom domains.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DomainsConfig {
+    /// Name servers asked (`ip:port`), without caching. Default (empty): those of the host's
+    /// `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
+    /// Seconds one DNS query may take before it is retried (once) and then reported as a
+    /// resolver error. Default 5.
+    pub resolver_timeout_secs: u64,
+}
+
+impl Default for DomainsConfig {
+    fn default() -> Self {
+        DomainsConfig {
+            nameservers: Vec::new(),
+            resolver_timeout_secs: 5,
+        }
+    }
+}
+
+/// The ACME client (the directory URL and contacts are the control plane's `[domains]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// An extra root certificate (PEM) trusted for the ACME server's HTTPS, for a private or
+    /// test CA such as Pebble. Default: none (the system's roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,6 +235,11 @@ impl Default for Config {
             disk_usage_interval_secs: 60,
             ingress_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             ingress_advertise: None,
+            ingress_tls_listen: SocketAddr::from(([0, 0, 0, 0], 443)),
+            platform_cert_file: None,
+            platform_key_file: None,
+            domains: DomainsConfig::default(),
+            acme: AcmeConfig::default(),
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 9102)),
             peer_advertise: String::new(),
             ssh: SshConfig::default(),
@@ -290,6 +337,18 @@ impl Config {
             problems.push(format!(
                 "ingress_advertise {advertise} must name an address and port other nodes can connect to"
             ));
+        }
+        if [self.ingress_listen, self.metrics_listen, self.peer_listen].contains(&self.ingress_tls_listen) {
+            problems.push(format!(
+                "ingress_tls_listen {} is also the ingress, metrics or peer address",
+                self.ingress_tls_listen
+            ));
+        }
+        if self.platform_cert_file.is_some() != self.platform_key_file.is_some() {
+            problems.push("platform_cert_file and platform_key_file must be set together".into());
+        }
+        if self.domains.resolver_timeout_secs == 0 {
+            problems.push("domains.resolver_timeout_secs must be positive".into());
         }
         if self.peer_listen == self.metrics_listen || self.peer_listen == self.ingress_listen {
             problems.push(format!(
@@ -436,6 +495,42 @@ mod tests {
         };
         assert_eq!(advertised.peer_addr().as_deref(), Some("10.1.2.3:9102"));
         assert!(is_host_port("node-1:9102") && !is_host_port("node-1") && !is_host_port(":9102"));
+    }
+
+    #[test]
+    fn tls_and_domain_settings_are_checked() {
+        let config: Config = instapod_common::config::load_from(
+            None,
+            ENV_PREFIX,
+            [
+                (
+                    "INSTAPOD_AGENT_DOMAINS__NAMESERVERS".to_string(),
+                    "[\"127.0.0.1:5353\"]".to_string(),
+                ),
+                (
+                    "INSTAPOD_AGENT_ACME__CA_FILE".to_string(),
+                    "/etc/pebble/ca.pem".to_string(),
+                ),
+            ],
+        )
+        .expect("loads");
+        assert_eq!(
+            config.domains.nameservers,
+            vec![SocketAddr::from(([127, 0, 0, 1], 5353))]
+        );
+        assert_eq!(config.acme.ca_file, Some(PathBuf::from("/etc/pebble/ca.pem")));
+        assert_eq!(config.ingress_tls_listen, SocketAddr::from(([0, 0, 0, 0], 443)));
+        config.validate().expect("valid");
+        let bad = Config {
+            ingress_tls_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
+            platform_cert_file: Some("/cert.pem".into()),
+            domains: DomainsConfig {
+                resolver_timeout_secs: 0,
+                ..DomainsConfig::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(bad.validate().expect_err("invalid").len(), 3);
     }
 
     #[test]

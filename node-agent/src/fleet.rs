@@ -195,12 +195,34 @@ impl Fleet {
         known_version: Option<&str>,
         wait: Duration,
     ) -> Result<Option<IngressRoutes>, FleetError> {
-        const WHAT: &str = "the ingress routes";
+        self.long_poll("routes", "the ingress routes", known_version, wait)
+            .await
+    }
+
+    /// The served custom domains: `None` when they are still those of `known_version` after
+    /// waiting up to `wait` for a change (304).
+    pub async fn served_domains(
+        &self,
+        known_version: Option<&str>,
+        wait: Duration,
+    ) -> Result<Option<instapod_common::domains::ServedDomains>, FleetError> {
+        self.long_poll("domains", "the served domains", known_version, wait)
+            .await
+    }
+
+    /// `GET /internal/nodes/{id}/{path}?wait=<s>` with `If-None-Match`: `None` on 304.
+    async fn long_poll<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &'static str,
+        known_version: Option<&str>,
+        wait: Duration,
+    ) -> Result<Option<T>, FleetError> {
         let mut rejoined = false;
         loop {
             let credentials = self.credentials();
             let url = format!(
-                "{}/internal/nodes/{}/routes?wait={}",
+                "{}/internal/nodes/{}/{path}?wait={}",
                 self.base,
                 credentials.node_id,
                 wait.as_secs()
@@ -223,18 +245,55 @@ impl Fleet {
                 return Ok(None);
             }
             if response.status().is_success() {
-                let routes = response.json().await.map_err(|err| FleetError::Unreachable {
+                let answer = response.json().await.map_err(|err| FleetError::Unreachable {
                     url: url.clone(),
-                    reason: format!("unreadable routes: {}", crate::error_chain(&err)),
+                    reason: format!("unreadable {what}: {}", crate::error_chain(&err)),
                 })?;
-                return Ok(Some(routes));
+                return Ok(Some(answer));
             }
             let body = response.text().await.unwrap_or_default();
-            let err = FleetError::Refused {
-                what: WHAT,
-                status,
-                body,
-            };
+            let err = FleetError::Refused { what, status, body };
+            if err.is_unauthorized() && !rejoined {
+                tracing::warn!(error = %err, "the node token was refused; joining again");
+                self.rejoin().await?;
+                rejoined = true;
+                continue;
+            }
+            return Err(err);
+        }
+    }
+
+    /// Sends `method` to `/internal/nodes/{id}/{path}` with the node token (and `body` as
+    /// JSON); on 401 joins again once and resends. A status other than 2xx is
+    /// [`FleetError::Refused`].
+    pub async fn send_as_node<T: Serialize + ?Sized>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&T>,
+        what: &'static str,
+    ) -> Result<reqwest::Response, FleetError> {
+        let mut rejoined = false;
+        loop {
+            let credentials = self.credentials();
+            let url = format!("{}/internal/nodes/{}/{path}", self.base, credentials.node_id);
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&credentials.node_token);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request.send().await.map_err(|err| FleetError::Unreachable {
+                url: url.clone(),
+                reason: crate::error_chain(&err),
+            })?;
+            if response.status().is_success() {
+                return Ok(response);
+            }
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            let err = FleetError::Refused { what, status, body };
             if err.is_unauthorized() && !rejoined {
                 tracing::warn!(error = %err, "the node token was refused; joining again");
                 self.rejoin().await?;

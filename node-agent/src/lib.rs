@@ -7,13 +7,14 @@
 //! [`image`] (references, registry, tarballs, the image store) · [`runtime`] (the only module
 //! that talks to containerd) · [`dirs`] (state directory layout) · [`logs`] (rotation) ·
 //! [`capacity`] · [`metrics`] · [`ingress`] (the HTTP reverse proxy to pods) · [`ssh`] (the SSH
-//! gateway into pods).
+//! gateway into pods) · [`domains`] (custom domains: DNS checks, ACME orders, TLS by SNI).
 
 pub mod agent;
 pub mod capacity;
 pub mod cli;
 pub mod config;
 pub mod dirs;
+pub mod domains;
 pub mod files;
 pub mod fleet;
 pub mod image;

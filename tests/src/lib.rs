@@ -20,6 +20,7 @@
 //! could take the port in between; the window is short and start-up failures print the
 //! process's log.
 
+pub mod acme;
 pub mod browser;
 pub mod checks;
 pub mod client;

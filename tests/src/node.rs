@@ -32,6 +32,8 @@ pub struct NodeSettings {
     pub metrics_port: u16,
     /// The agent binary's ingress port on loopback (never the default `0.0.0.0:80`).
     pub ingress_port: u16,
+    /// The agent binary's TLS ingress port on loopback (never the default `0.0.0.0:443`).
+    pub ingress_tls_port: u16,
     /// The agent's peer endpoint (volume transfers) on loopback.
     pub peer_port: u16,
     /// The agent's SSH gateway on loopback.
@@ -49,6 +51,7 @@ impl NodeSettings {
             subnet_prefix: format!("10.{}.{}", 200 + bytes[3] % 50, bytes[4]),
             metrics_port: process::free_port(),
             ingress_port: process::free_port(),
+            ingress_tls_port: process::free_port(),
             peer_port: process::free_port(),
             ssh_port: process::free_port(),
         }
@@ -73,6 +76,7 @@ impl NodeSettings {
             cgroup_parent: "/instapod-test".into(),
             metrics_listen: ([127, 0, 0, 1], self.metrics_port).into(),
             ingress_listen: ([127, 0, 0, 1], self.ingress_port).into(),
+            ingress_tls_listen: ([127, 0, 0, 1], self.ingress_tls_port).into(),
             peer_listen: ([127, 0, 0, 1], self.peer_port).into(),
             dns_servers: vec![self.gateway()],
             ssh: instapod_node_agent::config::SshConfig {
@@ -107,6 +111,10 @@ impl NodeSettings {
             (
                 "INSTAPOD_AGENT_INGRESS_LISTEN".into(),
                 format!("127.0.0.1:{}", self.ingress_port),
+            ),
+            (
+                "INSTAPOD_AGENT_INGRESS_TLS_LISTEN".into(),
+                format!("127.0.0.1:{}", self.ingress_tls_port),
             ),
             (
                 "INSTAPOD_AGENT_PEER_LISTEN".into(),

@@ -27,16 +27,22 @@
 //! *Metrics.* `instapod_node_agent_ingress_requests_total{outcome}` and
 //! `instapod_node_agent_ingress_request_duration_seconds{outcome}` (to the response head), with
 //! `outcome` one of `proxied`, `forwarded`, `not_found`, `unavailable`, `bad_gateway`,
-//! `misrouted`, `upgraded`; the feed's metrics are in [`feed`].
+//! `misrouted`, `upgraded`, `redirected`, `acme_challenge`; the feed's metrics are in [`feed`].
 //!
-//! *Design for what comes next.*
-//! - TLS and custom domains: a TLS acceptor (rustls, certificate chosen by SNI) wraps accepted
-//!   TCP streams and hands them to [`Ingress::serve_connection`] with [`Scheme::Https`]; the
-//!   routing is the same. HTTP-01 challenges and the HTTP→HTTPS redirect for hosts with a
-//!   certificate will be answered in `proxy::Ingress::route` before the lookup.
+//! *Custom domains and TLS.* The ingress also serves users' own host names
+//! ([`CustomDomains`], filled by `crate::domains` from the control plane's served-domains
+//! feed): a custom host that is not a pod's host name is routed to the target of its pod's
+//! first host name ([`RoutingTable::target_of_pod`]), so it follows the pod wherever it runs.
+//! Before routing, `/.well-known/acme-challenge/<token>` is answered for the tokens of this
+//! node's ACME orders in flight (any host, any scheme); plain HTTP to a custom domain that has a
+//! certificate answers 308 to HTTPS (except that path, and except a request another node
+//! forwarded). The TLS listener (`crate::domains::tls`: rustls, certificate chosen by SNI)
+//! terminates TLS and hands the decrypted stream to [`Ingress::serve_connection`] with
+//! [`Scheme::Https`]; the routing is the same. Outcomes `redirected` and `acme_challenge` are
+//! added to the metrics' labels.
 //!
-//! *Not done yet.* No TLS (traffic between nodes is plain HTTP, hop token included, like the
-//! requests themselves); HTTP/1.1 only. A client may send the hop header with any other value:
+//! *Not done yet.* Traffic between nodes is plain HTTP (hop token included, like the requests
+//! themselves), also for requests that arrived over TLS; HTTP/1.1 only. A client may send the hop header with any other value:
 //! that only stops its own request from being forwarded between nodes.
 
 pub mod feed;
@@ -48,7 +54,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use proxy::{Ingress, Outcome, Scheme};
+pub use proxy::{CustomDomains, CustomHost, Ingress, Outcome, Scheme};
 pub use routes::{
     FleetRoutes, LocalRoutes, RemoteRoutes, RemoteTable, RouteSource, RoutingTable, Target, Unavailable, normalize_host,
 };
@@ -64,10 +70,10 @@ pub fn local(pods: Pods) -> Arc<Ingress> {
 }
 
 /// The ingress of the whole fleet's pods: this node's merged with `remote` (the other nodes'
-/// pods, kept current by [`feed::run`]).
-pub fn fleet_wide(pods: Pods, remote: Arc<RemoteRoutes>) -> Arc<Ingress> {
+/// pods, kept current by [`feed::run`]), and the custom `domains` of those pods.
+pub fn fleet_wide(pods: Pods, remote: Arc<RemoteRoutes>, domains: Arc<dyn CustomDomains>) -> Arc<Ingress> {
     let local = Arc::new(LocalRoutes::new(pods));
-    Arc::new(Ingress::new(Arc::new(FleetRoutes::new(local, remote))))
+    Arc::new(Ingress::new(Arc::new(FleetRoutes::new(local, remote))).with_domains(domains))
 }
 
 /// The `ingress` worker: binds `listen` (retrying with backoff while the address is taken or

@@ -32,6 +32,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
+use instapod_common::domains::ACME_CHALLENGE_PREFIX;
+
 use super::pages::{self, Page};
 use super::routes::{RouteSource, Target, normalize_host};
 
@@ -92,6 +94,10 @@ pub enum Outcome {
     /// Forwarded here by another node, but this node routes the host to a third node: the
     /// nodes disagree where the pod runs (502, not forwarded again).
     Misrouted,
+    /// A plain HTTP request for a custom domain that has a certificate: 308 to HTTPS.
+    Redirected,
+    /// An ACME HTTP-01 challenge of one of this node's orders, answered by the ingress.
+    AcmeChallenge,
 }
 
 impl Outcome {
@@ -104,14 +110,35 @@ impl Outcome {
             Outcome::Upgraded => "upgraded",
             Outcome::Forwarded => "forwarded",
             Outcome::Misrouted => "misrouted",
+            Outcome::Redirected => "redirected",
+            Outcome::AcmeChallenge => "acme_challenge",
         }
     }
+}
+
+/// A custom domain served by the ingress (see `crate::domains`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CustomHost {
+    /// The pod it routes to: the same target as the pod's platform host names.
+    pub pod_id: uuid::Uuid,
+    /// A certificate is served for it: plain HTTP is redirected to HTTPS.
+    pub has_certificate: bool,
+}
+
+/// Custom domains and ACME HTTP-01 challenges, as the ingress asks about them (answered from
+/// memory: asked once per request).
+pub trait CustomDomains: Send + Sync + std::fmt::Debug + 'static {
+    /// The custom domain `host` (normalised), when it is served.
+    fn custom_host(&self, host: &str) -> Option<CustomHost>;
+    /// The key authorization for an HTTP-01 `token` of one of this node's orders in flight.
+    fn acme_challenge(&self, token: &str) -> Option<String>;
 }
 
 /// The reverse proxy.
 #[derive(Debug)]
 pub struct Ingress {
     routes: Arc<dyn RouteSource>,
+    domains: Option<Arc<dyn CustomDomains>>,
     client: Client<HttpConnector, Incoming>,
 }
 
@@ -138,7 +165,17 @@ impl Ingress {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
             .build(connector);
-        Ingress { routes, client }
+        Ingress {
+            routes,
+            domains: None,
+            client,
+        }
+    }
+
+    /// Also serves custom domains and answers ACME HTTP-01 challenges.
+    pub fn with_domains(mut self, domains: Arc<dyn CustomDomains>) -> Ingress {
+        self.domains = Some(domains);
+        self
     }
 
     /// Accepts connections until the listener fails for good; each connection is served on its
@@ -196,6 +233,21 @@ impl Ingress {
         peer: SocketAddr,
         scheme: Scheme,
     ) -> (Outcome, Response<ResponseBody>) {
+        // ACME HTTP-01, before routing and whatever the host: only the tokens of this node's
+        // orders in flight are answered; any other path under the prefix is routed as usual
+        // (a request that reached another node is routed to the pod's node, which placed the
+        // order).
+        let challenge_path = request.uri().path().starts_with(ACME_CHALLENGE_PREFIX);
+        if challenge_path
+            && matches!(*request.method(), hyper::Method::GET | hyper::Method::HEAD)
+            && let Some(domains) = &self.domains
+            && let Some(answer) = request.uri().path()[ACME_CHALLENGE_PREFIX.len()..]
+                .split('/')
+                .next()
+                .and_then(|token| domains.acme_challenge(token))
+        {
+            return (Outcome::AcmeChallenge, text_response(answer));
+        }
         let Some(raw_host) = request_host(&mut request) else {
             return (Outcome::NotFound, page_response(pages::bad_host()));
         };
@@ -206,7 +258,15 @@ impl Ingress {
         if request.method() == hyper::Method::CONNECT || !request.uri().path().starts_with('/') {
             return (Outcome::NotFound, page_response(pages::unsupported_request()));
         }
-        let target = self.routes.table().get(&host).cloned();
+        let table = self.routes.table();
+        let mut target = table.get(&host).cloned();
+        let custom = match (&target, &self.domains) {
+            (None, Some(domains)) => domains.custom_host(&host),
+            _ => None,
+        };
+        if let Some(custom) = custom {
+            target = table.target_of_pod(custom.pod_id).cloned();
+        }
         let hop_token = self.routes.hop_token();
         let hop = request.headers().get(HOP_HEADER);
         let is_hop = hop.is_some();
@@ -214,6 +274,12 @@ impl Ingress {
             (Some(value), Some(token)) => constant_time_eq(value.as_bytes(), token.as_bytes()),
             _ => false,
         };
+        // Plain HTTP to a custom domain with a certificate goes to HTTPS, except the ACME
+        // path, and except a request another node forwarded (its client may have used HTTPS).
+        if scheme == Scheme::Http && !from_node && !challenge_path && custom.is_some_and(|c| c.has_certificate) {
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            return (Outcome::Redirected, redirect_response(&format!("https://{host}{path}")));
+        }
         let forwarding = |to_node| Forwarding {
             peer,
             scheme,
@@ -442,6 +508,25 @@ fn rewrite_request_headers(headers: &mut HeaderMap, upgrade: Option<HeaderValue>
     headers.insert(X_FORWARDED_HOST, forwarding.host.clone());
 }
 
+/// A permanent redirect that keeps the method and body (308).
+fn redirect_response(location: &str) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// A plain-text answer (the ACME key authorization).
+fn text_response(text: String) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 fn page_response(page: Page) -> Response<ResponseBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(page.html))));
     *response.status_mut() = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -645,6 +730,115 @@ mod tests {
         }
         let response = request.send().await.expect("the ingress answers");
         (response.status().as_u16(), response.text().await.expect("body"))
+    }
+
+    /// Custom domains for tests: host → (pod, has certificate), and one challenge token.
+    #[derive(Debug)]
+    struct FixedDomains(Vec<(&'static str, CustomHost)>);
+
+    impl CustomDomains for FixedDomains {
+        fn custom_host(&self, host: &str) -> Option<CustomHost> {
+            self.0.iter().find(|(h, _)| *h == host).map(|(_, c)| *c)
+        }
+
+        fn acme_challenge(&self, token: &str) -> Option<String> {
+            (token == "tok-123").then(|| "tok-123.thumb".to_string())
+        }
+    }
+
+    #[tokio::test]
+    async fn custom_domains_route_like_their_pod_answer_challenges_and_redirect_to_https() {
+        let pod = echo_upstream().await;
+        let pod_id = uuid::Uuid::new_v4();
+        let mut table = RoutingTable::default();
+        table.insert("web-a.apps.test", Target::Pod { pod_id, addr: pod });
+        table.note_pod_host(pod_id, "web-a.apps.test");
+        let domains = FixedDomains(vec![
+            (
+                "shop.example.com",
+                CustomHost {
+                    pod_id,
+                    has_certificate: true,
+                },
+            ),
+            (
+                "plain.example.com",
+                CustomHost {
+                    pod_id,
+                    has_certificate: false,
+                },
+            ),
+            (
+                "orphan.example.com",
+                CustomHost {
+                    pod_id: uuid::Uuid::new_v4(),
+                    has_certificate: false,
+                },
+            ),
+        ]);
+        let ingress = Arc::new(
+            Ingress::new(Arc::new(StaticRoutes(Arc::new(table), Some(Arc::from("hop")))))
+                .with_domains(Arc::new(domains)),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(ingress.serve(listener));
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let fetch = async |host: &str, path: &str, extra: Option<(&str, &str)>| {
+            let mut request = client.get(format!("http://{addr}{path}")).header("host", host);
+            if let Some((name, value)) = extra {
+                request = request.header(name, value);
+            }
+            let response = request.send().await.expect("the ingress answers");
+            let location = response
+                .headers()
+                .get("location")
+                .map(|v| v.to_str().expect("ascii").to_string());
+            (
+                response.status().as_u16(),
+                location,
+                response.text().await.expect("body"),
+            )
+        };
+
+        // Without a certificate: routed to the pod over plain HTTP, with the custom Host.
+        let (status, _, body) = fetch("Plain.Example.com", "/x?y=1", None).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("GET /x?y=1\n"), "{body}");
+        assert!(body.lines().any(|l| l == "host: Plain.Example.com"), "{body}");
+
+        // With a certificate: plain HTTP is redirected, path and query kept.
+        let (status, location, _) = fetch("shop.example.com:8080", "/cart?id=2", None).await;
+        assert_eq!(
+            (status, location.as_deref()),
+            (308, Some("https://shop.example.com/cart?id=2"))
+        );
+        // ... unless another node forwarded it (its client may have come over HTTPS).
+        let (status, _, body) = fetch("shop.example.com", "/cart", Some(("x-instapod-hop", "hop"))).await;
+        assert_eq!(status, 200, "{body}");
+
+        // The ACME path: this node's token is answered on any host, never redirected; other
+        // tokens are routed as usual.
+        for host in ["shop.example.com", "unknown.example.org"] {
+            let (status, _, body) = fetch(host, "/.well-known/acme-challenge/tok-123", None).await;
+            assert_eq!((status, body.as_str()), (200, "tok-123.thumb"), "{host}");
+        }
+        let (status, _, body) = fetch("plain.example.com", "/.well-known/acme-challenge/other", None).await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with("GET /.well-known/acme-challenge/other\n"), "{body}");
+        let (status, _, _) = fetch("shop.example.com", "/.well-known/acme-challenge/other", None).await;
+        assert_eq!(status, 200);
+        let (status, _, _) = fetch("unknown.example.org", "/.well-known/acme-challenge/other", None).await;
+        assert_eq!(status, 404);
+
+        // A domain whose pod has no route, and a host that is no domain: 404.
+        assert_eq!(fetch("orphan.example.com", "/", None).await.0, 404);
+        assert_eq!(fetch("nobody.example.com", "/", None).await.0, 404);
     }
 
     #[tokio::test]

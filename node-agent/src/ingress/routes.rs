@@ -80,6 +80,9 @@ impl Target {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutingTable {
     routes: HashMap<String, Target>,
+    /// One host name of each pod, so a custom domain can be routed like its pod's platform
+    /// host name.
+    pod_hosts: HashMap<Uuid, String>,
 }
 
 impl RoutingTable {
@@ -94,6 +97,18 @@ impl RoutingTable {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// Where requests for pod `pod_id` go: the target of its (first) host name.
+    pub fn target_of_pod(&self, pod_id: Uuid) -> Option<&Target> {
+        self.routes.get(self.pod_hosts.get(&pod_id)?)
+    }
+
+    /// Remembers one host name of a pod (the first one given wins).
+    pub fn note_pod_host(&mut self, pod_id: Uuid, host: &str) {
+        if let Some(host) = normalize_host(host) {
+            self.pod_hosts.entry(pod_id).or_insert(host);
+        }
     }
 
     /// Every route, in no particular order.
@@ -123,6 +138,7 @@ impl RoutingTable {
         if let Some(target) = local_target(record) {
             for host in &record.spec.hostnames {
                 self.insert(host, target.clone());
+                self.note_pod_host(record.spec.pod_id, host);
             }
         }
     }
@@ -150,6 +166,9 @@ pub fn merge(local: &RoutingTable, remote: &RoutingTable) -> RoutingTable {
         if replace {
             merged.routes.insert(host.to_string(), target.clone());
         }
+    }
+    for (pod_id, host) in &remote.pod_hosts {
+        merged.pod_hosts.entry(*pod_id).or_insert_with(|| host.clone());
     }
     merged
 }
@@ -322,6 +341,7 @@ impl RemoteTable {
             };
             for host in &route.hostnames {
                 table.insert(host, target.clone());
+                table.note_pod_host(route.pod_id, host);
             }
         }
         RemoteTable {
