@@ -392,7 +392,7 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
             .client()
             .post_json("/api/pods/other/domains", &serde_json::json!({"hostname": spelling}))
             .await
-            .assert_error(409, "conflict");
+            .assert_error(409, "domain_taken");
     }
 
     // A wrong TXT value: failed, and the message names what was found.
