@@ -354,10 +354,7 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
     let host = format!("shop-{}.example.test", &ids::random_suffix()[..8]);
     let added = user
         .client()
-        .post_json(
-            &format!("/api/pods/web/domains"),
-            &serde_json::json!({"hostname": host}),
-        )
+        .post_json("/api/pods/web/domains", &serde_json::json!({"hostname": host}))
         .await
         .json_with_status(201);
     let id = added["id"].as_str().expect("domain id").to_string();

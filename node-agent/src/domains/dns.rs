@@ -115,12 +115,8 @@ pub fn normalize_name(name: &str) -> String {
 }
 
 impl DnsLookup for HickoryLookup {
-    fn lookup<'a>(
-        &'a self,
-        name: &'a str,
-        kind: Kind,
-    ) -> impl Future<Output = Result<Vec<String>, LookupError>> + Send + 'a {
-        async move {
+    async fn lookup(&self, name: &str, kind: Kind) -> Result<Vec<String>, LookupError> {
+        {
             let record_type = match kind {
                 Kind::Txt => RecordType::TXT,
                 Kind::Cname => RecordType::CNAME,
@@ -163,7 +159,7 @@ async fn look<L: DnsLookup>(
         record_type: kind.as_str().to_string(),
         name: name.to_string(),
         expected,
-        found: answer.as_ref().map(|f| f.clone()).unwrap_or_default(),
+        found: answer.clone().unwrap_or_default(),
         ok: false,
         error: answer.as_ref().err().map(|e| e.to_string()),
     };

@@ -1,0 +1,308 @@
+//! Benchmark: the node agent's ingress, plain HTTP and TLS-terminating, against the same
+//! upstream reached directly, in the same run.
+//!
+//! ```sh
+//! export CARGO_TARGET_DIR=/var/cache/instapod-target
+//! cargo run --release -p instapod-tests --example bench_ingress_tls   # BENCH_N=<requests per series>, default 20000
+//! ```
+//!
+//! Set-up (not timed): an upstream on 127.0.0.1 standing in for a pod (HTTP/1.1 keep-alive, a
+//! 13-byte answer to every GET; in-process so that its own cost is small and equal for every
+//! series), the agent's [`Ingress`] on a plain listener and on its TLS listener (rustls,
+//! certificate chosen by SNI among the served custom domains; a self-signed certificate made
+//! with the openssl CLI), the host routed to the upstream like a custom domain of its pod.
+//!
+//! Series, each `BENCH_N` GET requests from 16 concurrent clients:
+//! - **direct**: HTTP keep-alive straight to the upstream;
+//! - **ingress http**: HTTP keep-alive through the ingress;
+//! - **ingress https (kept)**: HTTPS keep-alive through the TLS ingress (one handshake per
+//!   client connection);
+//! - **ingress https (resumed)**: a new TLS connection per request, resuming the session
+//!   (rustls's client session cache and the ingress's tickets).
+//!
+//! Then latency: 2000 sequential requests from one client, direct and through the ingress
+//! (plain HTTP, keep-alive): p50 and p99, and the added p50.
+
+#![allow(clippy::print_stdout, reason = "the report on stdout is what a benchmark is for")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use instapod_common::domains::{ServedCertificate, ServedDomain, ServedDomains};
+use instapod_node_agent::domains::challenges::ChallengeStore;
+use instapod_node_agent::domains::tls::{Acceptor, SniResolver, server_config};
+use instapod_node_agent::domains::{IngressDomains, Served};
+use instapod_node_agent::ingress::{Ingress, RouteSource, RoutingTable, Target};
+
+const HOST: &str = "bench.example.test";
+const CLIENTS: usize = 16;
+
+#[derive(Debug)]
+struct FixedRoutes(Arc<RoutingTable>);
+
+impl RouteSource for FixedRoutes {
+    fn table(&self) -> Arc<RoutingTable> {
+        self.0.clone()
+    }
+}
+
+/// A keep-alive upstream answering every request head with `hello, bench`.
+async fn upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buffer = Vec::with_capacity(4096);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buffer.drain(..end + 4);
+                        let answer =
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\ncontent-type: text/plain\r\n\r\nhello, bench";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A self-signed certificate for `HOST` (chain PEM, key PEM).
+fn certificate() -> (String, String) {
+    let dir = std::env::temp_dir().join(format!("instapod-bench-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={HOST}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{HOST}"),
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(status.success());
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("read");
+    let pair = (read("cert.pem"), read("key.pem"));
+    let _ = std::fs::remove_dir_all(&dir);
+    pair
+}
+
+/// `n` GETs from `CLIENTS` concurrent tasks, each with its own client: requests per second.
+async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> f64 {
+    let started = Instant::now();
+    let per_client = n / clients.len();
+    let mut tasks = Vec::new();
+    for client in clients {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per_client {
+                let response = client.get(&url).send().await.expect("a response");
+                assert_eq!(response.status().as_u16(), 200);
+                let body = response.bytes().await.expect("body");
+                assert_eq!(&body[..], b"hello, bench");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("a client task");
+    }
+    (per_client * CLIENTS) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Sequential GETs from one client: sorted latencies.
+async fn latencies(client: &reqwest::Client, url: &str, n: usize) -> Vec<Duration> {
+    let mut all = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let response = client.get(url).send().await.expect("a response");
+        let _ = response.bytes().await.expect("body");
+        all.push(started.elapsed());
+    }
+    all.sort();
+    all
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let pod = upstream().await;
+    let pod_id = uuid::Uuid::new_v4();
+    let mut table = RoutingTable::default();
+    table.insert("web-a.apps.test", Target::Pod { pod_id, addr: pod });
+    table.note_pod_host(pod_id, "web-a.apps.test");
+    let (chain_pem, key_pem) = certificate();
+    let served = Arc::new(Served::default());
+    served.apply(&ServedDomains {
+        version: "1".into(),
+        domains: vec![ServedDomain {
+            domain_id: uuid::Uuid::new_v4(),
+            pod_id,
+            hostname: HOST.into(),
+            certificate: Some(ServedCertificate {
+                chain_pem: chain_pem.clone(),
+                key_pem,
+                not_after: i64::MAX,
+            }),
+        }],
+    });
+    let ingress = Arc::new(
+        Ingress::new(Arc::new(FixedRoutes(Arc::new(table)))).with_domains(Arc::new(IngressDomains {
+            served: served.clone(),
+            challenges: Arc::new(ChallengeStore::default()),
+        })),
+    );
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let plain_addr = plain.local_addr().expect("address");
+    tokio::spawn(ingress.clone().serve(plain));
+    let tls = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tls_addr = tls.local_addr().expect("address");
+    let config = server_config(Arc::new(SniResolver::new(served, None))).expect("TLS config");
+    tokio::spawn(instapod_node_agent::domains::tls::serve(
+        tls,
+        ingress,
+        Acceptor::from(config),
+    ));
+
+    // Redirects are off: plain HTTP to a domain with a certificate answers 308, so the plain
+    // series uses the pod's platform name, routed the same way.
+    let plain_client = |resolve: SocketAddr, host: &str| {
+        instapod_tests::http_builder()
+            .no_proxy()
+            .resolve(host, resolve)
+            .pool_max_idle_per_host(4)
+            .build()
+            .expect("client")
+    };
+    let root = reqwest::Certificate::from_pem(chain_pem.as_bytes()).expect("PEM");
+    let tls_client = |keep_alive: bool| {
+        let mut builder = instapod_tests::http_builder()
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(root.clone())
+            .resolve(HOST, tls_addr);
+        if !keep_alive {
+            builder = builder.pool_max_idle_per_host(0);
+        }
+        builder.build().expect("client")
+    };
+    let direct_url = format!("http://{pod}/");
+    let plain_url = format!("http://web-a.apps.test:{}/", plain_addr.port());
+    let tls_url = format!("https://{HOST}:{}/", tls_addr.port());
+
+    // Warm-up: connections, TLS session caches, the allocator.
+    let warm = n / 10;
+    throughput(
+        (0..CLIENTS).map(|_| plain_client(pod, "x")).collect(),
+        direct_url.clone(),
+        warm,
+    )
+    .await;
+    throughput(
+        (0..CLIENTS)
+            .map(|_| plain_client(plain_addr, "web-a.apps.test"))
+            .collect(),
+        plain_url.clone(),
+        warm,
+    )
+    .await;
+    throughput((0..CLIENTS).map(|_| tls_client(true)).collect(), tls_url.clone(), warm).await;
+
+    let direct = throughput(
+        (0..CLIENTS).map(|_| plain_client(pod, "x")).collect(),
+        direct_url.clone(),
+        n,
+    )
+    .await;
+    let via_http = throughput(
+        (0..CLIENTS)
+            .map(|_| plain_client(plain_addr, "web-a.apps.test"))
+            .collect(),
+        plain_url.clone(),
+        n,
+    )
+    .await;
+    let via_https = throughput((0..CLIENTS).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
+    let resumed_clients: Vec<reqwest::Client> = (0..CLIENTS).map(|_| tls_client(false)).collect();
+    // One request per client first, so that every later connection resumes a session.
+    throughput(resumed_clients.clone(), tls_url.clone(), CLIENTS).await;
+    let via_https_resumed = throughput(resumed_clients, tls_url.clone(), n / 4).await;
+
+    println!(
+        "requests/s, {CLIENTS} concurrent clients, {n} requests per series (resumed: {}):",
+        n / 4
+    );
+    println!("  direct (keep-alive)              {direct:>10.0}");
+    println!(
+        "  ingress http (keep-alive)        {via_http:>10.0}  ratio {:.2}",
+        via_http / direct
+    );
+    println!(
+        "  ingress https (keep-alive)       {via_https:>10.0}  ratio {:.2}",
+        via_https / direct
+    );
+    println!(
+        "  ingress https (new conn, resumed) {via_https_resumed:>9.0}  ratio {:.2}",
+        via_https_resumed / direct
+    );
+
+    let one_direct = plain_client(pod, "x");
+    let one_ingress = plain_client(plain_addr, "web-a.apps.test");
+    latencies(&one_direct, &direct_url, 200).await;
+    latencies(&one_ingress, &plain_url, 200).await;
+    let direct_lat = latencies(&one_direct, &direct_url, 2000).await;
+    let ingress_lat = latencies(&one_ingress, &plain_url, 2000).await;
+    let p50_direct = percentile(&direct_lat, 0.5);
+    let p50_ingress = percentile(&ingress_lat, 0.5);
+    println!("latency, one client, 2000 sequential requests:");
+    println!(
+        "  direct   p50 {:>8.3} ms  p99 {:>8.3} ms",
+        p50_direct.as_secs_f64() * 1e3,
+        percentile(&direct_lat, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "  ingress  p50 {:>8.3} ms  p99 {:>8.3} ms",
+        p50_ingress.as_secs_f64() * 1e3,
+        percentile(&ingress_lat, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "  added p50 {:.3} ms",
+        (p50_ingress.as_secs_f64() - p50_direct.as_secs_f64()) * 1e3
+    );
+}
