@@ -405,7 +405,7 @@ pub const NODE_AGENT: &[Metric] = &[
     gauge(
         "instapod_node_agent_domain_certificate_expiry_seconds",
         &[],
-        "The earliest expiry among the served custom domain certificates (Unix time)",
+        "The earliest expiry among the served custom domain certificates (Unix time; 0 while none is served)",
     ),
     counter(
         "instapod_node_agent_volume_transfers_total",

@@ -375,7 +375,7 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
     let cname_target = cname["value"].as_str().expect("value").to_string();
 
     // Another team cannot claim it, in any spelling.
-    let other = instapod_tests::register_and_login(&fleet.cp).await;
+    let other = instapod_tests::scale_user(&fleet.cp).await;
     other
         .client()
         .post_json(
@@ -474,7 +474,9 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
     // Renewal: a second certificate replaces the first before it expires, and is served.
     let first_not_after = active["certificate"]["not_after"].clone();
     eventually(Duration::from_secs(150), "a renewed certificate served", || async {
-        let response = client.get(https("/hello.txt")).send().await?;
+        // A new client each time: a kept-alive connection or a resumed session would show the
+        // certificate of its first handshake.
+        let response = https_client(&root, &host, tls).get(https("/hello.txt")).send().await?;
         ensure!(response.status().as_u16() == 200, "{}", response.status());
         ensure!(peer_leaf(&response) != first_leaf, "still the first certificate");
         Ok(())
@@ -490,8 +492,10 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
         .await
         .assert_status(204);
     eventually(WAIT, "the domain no longer served", || async {
+        // A new client: no kept-alive connection, no resumed session.
+        let fresh = https_client(&root, &host, tls);
         ensure!(
-            client.get(https("/hello.txt")).send().await.is_err(),
+            fresh.get(https("/hello.txt")).send().await.is_err(),
             "HTTPS still answers"
         );
         let status = plain_client

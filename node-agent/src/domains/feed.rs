@@ -9,7 +9,7 @@
 //! *Metrics.* `instapod_node_agent_domain_feed_polls_total{outcome}` (`changed`, `unchanged`,
 //! `error`); `instapod_node_agent_domains_served` (custom domains served);
 //! `instapod_node_agent_domain_certificate_expiry_seconds` (the earliest `not_after` among the
-//! served certificates, Unix time; absent until one is served).
+//! served certificates, Unix time; 0 while none is served).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,14 +70,13 @@ pub async fn poll_once<F: DomainFeed>(feed: &F, served: &Served, wait: Duration)
                 "served custom domains updated"
             );
             metrics::gauge!(SERVED_GAUGE).set(table.hosts.len() as f64);
-            if let Some(earliest) = table
+            let earliest = table
                 .hosts
                 .values()
                 .filter_map(|h| h.certificate.as_ref().map(|c| c.not_after))
                 .min()
-            {
-                metrics::gauge!(EXPIRY_GAUGE).set(earliest as f64);
-            }
+                .unwrap_or(0);
+            metrics::gauge!(EXPIRY_GAUGE).set(earliest as f64);
             Poll::Changed
         }
         Ok(None) => Poll::Unchanged,

@@ -31,6 +31,21 @@ use uuid::Uuid;
 
 use crate::ingress::proxy::{CustomDomains, CustomHost};
 
+/// Shows this module's series from the start (at zero), so dashboards and the catalogue test
+/// see them before the first job, handshake or certificate.
+pub fn register_metrics() {
+    for operation in ["verify", "issue_certificate"] {
+        metrics::counter!("instapod_node_agent_domain_jobs_total", "operation" => operation, "outcome" => "error")
+            .increment(0);
+        let _ = metrics::histogram!("instapod_node_agent_domain_job_duration_seconds", "operation" => operation);
+    }
+    for reason in ["handshake", "timeout"] {
+        metrics::counter!("instapod_node_agent_ingress_tls_handshake_failures_total", "reason" => reason).increment(0);
+    }
+    metrics::gauge!("instapod_node_agent_domains_served").set(0.0);
+    metrics::gauge!("instapod_node_agent_domain_certificate_expiry_seconds").set(0.0);
+}
+
 /// One served custom domain as loaded here.
 #[derive(Debug, Clone)]
 pub struct ServedHost {
