@@ -80,7 +80,18 @@ impl HickoryLookup {
     /// A resolver asking `nameservers` (the system's when empty), `timeout` per attempt.
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<HickoryLookup, BuildResolverError> {
         let mut builder = if nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|err| BuildResolverError::Build(err.to_string()))?
+            match TokioResolver::builder_tokio() {
+                Ok(builder) => builder,
+                // The agent runs on without it: every check then reports a resolver error
+                // (never a missing record), so no domain is failed or detached for it.
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot read the system's DNS configuration; domain checks will fail until domains.nameservers is set");
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_parts(None, vec![], vec![]),
+                        TokioRuntimeProvider::default(),
+                    )
+                }
+            }
         } else {
             let servers = nameservers
                 .iter()
