@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::Served;
 use crate::fleet::{Fleet, FleetError};
-use crate::ingress::feed::{Poll, Timing};
+use crate::ingress::feed::{Poll, Timing, follow};
 
 const POLLS_COUNTER: &str = "instapod_node_agent_domain_feed_polls_total";
 const SERVED_GAUGE: &str = "instapod_node_agent_domains_served";
@@ -103,31 +103,16 @@ pub async fn run<F: DomainFeed>(feed: Arc<F>, served: Arc<Served>, shutdown: wat
 pub async fn run_with<F: DomainFeed>(
     feed: Arc<F>,
     served: Arc<Served>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     timing: Timing,
 ) {
-    tracing::info!(worker = "domain_feed", "worker started");
-    let mut backoff = timing.min_backoff;
-    loop {
-        let started = tokio::time::Instant::now();
-        let outcome = tokio::select! {
-            outcome = poll_once(feed.as_ref(), &served, timing.wait) => outcome,
-            _ = shutdown.changed() => break,
-        };
-        let pause = if outcome == Poll::Failed {
-            let pause = backoff;
-            backoff = (backoff * 2).min(timing.max_backoff);
-            pause
-        } else {
-            backoff = timing.min_backoff;
-            timing.min_poll_interval.saturating_sub(started.elapsed())
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.changed() => break,
-        }
-    }
-    tracing::info!(worker = "domain_feed", "worker stopped");
+    follow(
+        "domain_feed",
+        || poll_once(feed.as_ref(), &served, timing.wait),
+        shutdown,
+        timing,
+    )
+    .await
 }
 
 #[cfg(test)]

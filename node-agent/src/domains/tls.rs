@@ -478,6 +478,19 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(response.contains("x-forwarded-proto: https"), "{response}");
         assert!(response.contains("GET /cart HTTP/1.1"), "{response}");
+        assert_eq!(tls.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+
+        // A second connection of the same client resumes its session (no certificate sent or
+        // signed again): the server issues tickets.
+        let mut again = connect("shop.example.com").await.expect("handshake");
+        again
+            .write_all(b"GET / HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut response = String::new();
+        again.read_to_string(&mut response).await.expect("read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
 
         // No certificate for another name: the handshake fails.
         assert!(connect("other.example.com").await.is_err());

@@ -149,15 +149,33 @@ pub async fn run<F: RouteFeed>(feed: Arc<F>, remote: Arc<RemoteRoutes>, shutdown
 pub async fn run_with<F: RouteFeed>(
     feed: Arc<F>,
     remote: Arc<RemoteRoutes>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     timing: Timing,
 ) {
-    tracing::info!(worker = "ingress_route_feed", "worker started");
+    follow(
+        "ingress_route_feed",
+        || poll_once(feed.as_ref(), &remote, timing.wait),
+        shutdown,
+        timing,
+    )
+    .await
+}
+
+/// The loop of a long-polling worker (`worker` names it in logs): calls `poll` until shutdown,
+/// at most once per `timing.min_poll_interval`, pausing with a doubling backoff (from
+/// `min_backoff` to `max_backoff`) after each failed poll. Shared by the routes feed and the
+/// served-domains feed (`crate::domains::feed`).
+pub async fn follow<P, Fut>(worker: &'static str, mut poll: P, mut shutdown: watch::Receiver<bool>, timing: Timing)
+where
+    P: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Poll>,
+{
+    tracing::info!(worker, "worker started");
     let mut backoff = timing.min_backoff;
     loop {
         let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
-            outcome = poll_once(feed.as_ref(), &remote, timing.wait) => outcome,
+            outcome = poll() => outcome,
             _ = shutdown.changed() => break,
         };
         let pause = if outcome == Poll::Failed {
@@ -173,7 +191,7 @@ pub async fn run_with<F: RouteFeed>(
             _ = shutdown.changed() => break,
         }
     }
-    tracing::info!(worker = "ingress_route_feed", "worker stopped");
+    tracing::info!(worker, "worker stopped");
 }
 
 #[cfg(test)]
