@@ -22,6 +22,13 @@
 //!
 //! Then latency: 2000 sequential requests from one client, direct and through the ingress
 //! (plain HTTP, keep-alive): p50 and p99, and the added p50.
+//!
+//! With `BENCH_UPSTREAM=pod` the upstream is a real pod instead: busybox `httpd` serving the
+//! same 12 bytes from its image, started by the agent's pod manager on the harness's containerd
+//! (runc, CNI bridge) with a CPU limit of 1.75 cores (the most a test node allows), reached at
+//! its own IP. busybox `httpd` forks a process per connection and closes it after each answer,
+//! so every direct request is a new connection to the pod, and through the ingress every
+//! upstream request is one too (the client's connection to the ingress is kept).
 
 #![allow(clippy::print_stdout, reason = "the report on stdout is what a benchmark is for")]
 
@@ -155,6 +162,45 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// A running busybox `httpd` pod answering `hello, bench`: the node (kept alive by the caller),
+/// the pod's address and id.
+async fn pod_upstream() -> (instapod_tests::node::TestNode, SocketAddr, uuid::Uuid) {
+    use instapod_common::node::NodeJob;
+    let registry = instapod_tests::registry::shared();
+    let repository = format!("bench/ingress-{}", &instapod_tests::ids::random_suffix()[..8]);
+    instapod_tests::images::ImageBuilder::busybox()
+        .file("/www/index.html", "hello, bench", 0o644)
+        .entrypoint(["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"])
+        .build()
+        .push(&registry.base_url(), &repository, "1")
+        .await
+        .expect("push the pod's image");
+    let node = instapod_tests::node::TestNode::start("bench-ingress").await;
+    let mut spec = instapod_tests::node::pod_spec(&format!("{}/{repository}:1", registry.host()), 1);
+    spec.resources.cpu_millis = 1750;
+    spec.resources.pids = 1024;
+    node.pods
+        .handle(&NodeJob::EnsureRunning { spec: spec.clone() })
+        .await
+        .expect("the pod starts");
+    let client = instapod_tests::http_builder().no_proxy().build().expect("client");
+    // Bounded: 30 s for the pod to get its address and answer.
+    for _ in 0..300 {
+        let ip = node.pods.record(spec.pod_id).and_then(|r| r.attachment).map(|a| a.ip);
+        if let Some(ip) = ip {
+            let addr: SocketAddr = format!("{ip}:8080").parse().expect("an address");
+            if client.get(format!("http://{addr}/")).send().await.is_ok() {
+                return (node, addr, spec.pod_id);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the pod did not answer within 30 s: {:?}",
+        node.pods.record(spec.pod_id)
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -162,8 +208,21 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let pod = upstream().await;
-    let pod_id = uuid::Uuid::new_v4();
+    let real_pod = std::env::var("BENCH_UPSTREAM").is_ok_and(|v| v == "pod");
+    let (node, pod, pod_id) = if real_pod {
+        let (node, addr, id) = pod_upstream().await;
+        (Some(node), addr, id)
+    } else {
+        (None, upstream().await, uuid::Uuid::new_v4())
+    };
+    println!(
+        "upstream: {}",
+        if real_pod {
+            "a busybox httpd pod (containerd, runc, CNI) at its own IP"
+        } else {
+            "in-process keep-alive server"
+        }
+    );
     let mut table = RoutingTable::default();
     table.insert("web-a.apps.test", Target::Pod { pod_id, addr: pod });
     table.note_pod_host(pod_id, "web-a.apps.test");
@@ -305,4 +364,14 @@ async fn main() {
         "  added p50 {:.3} ms",
         (p50_ingress.as_secs_f64() - p50_direct.as_secs_f64()) * 1e3
     );
+    if let Some(node) = node {
+        node.pods
+            .handle(&instapod_common::node::NodeJob::Delete {
+                pod_id,
+                generation: 2,
+                retain_volume: false,
+            })
+            .await
+            .expect("the pod is deleted");
+    }
 }

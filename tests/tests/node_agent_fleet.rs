@@ -35,7 +35,8 @@ async fn node_row(cp: &ControlPlane, name: &str) -> anyhow::Result<(Uuid, String
     Ok((
         row.get(0),
         row.get(1),
-        row.get(2),
+        // NULL between the join and the first heartbeat.
+        row.get::<_, Option<i64>>(2).unwrap_or(0),
         row.get::<_, Option<serde_json::Value>>(3).unwrap_or_default(),
     ))
 }
