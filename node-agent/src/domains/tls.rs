@@ -32,8 +32,6 @@ use crate::ingress::{Ingress, Scheme, normalize_host};
 
 /// A client has this long to complete its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest pause between two attempts to bind the listener.
-const MAX_BIND_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Why a certificate and key cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -150,34 +148,16 @@ pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, ru
 /// and serves TLS connections until the process ends.
 pub async fn run(listen: SocketAddr, ingress: Arc<Ingress>, config: Arc<ServerConfig>) {
     let acceptor = TlsAcceptor::from(config);
-    let mut backoff = Duration::from_secs(1);
     loop {
-        match tokio::net::TcpListener::bind(listen).await {
-            Ok(listener) => {
-                tracing::info!(%listen, "TLS ingress listening");
-                serve(listener, ingress.clone(), acceptor.clone()).await;
-            }
-            Err(err) => {
-                tracing::error!(%listen, error = %err, retry_in = ?backoff, "TLS ingress cannot listen");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BIND_BACKOFF);
-            }
-        }
+        let listener = crate::ingress::bind_with_backoff(listen, "TLS ingress").await;
+        serve(listener, ingress.clone(), acceptor.clone()).await;
     }
 }
 
 /// Accepts connections on `listener`; each handshake and connection runs on its own task.
 pub async fn serve(listener: tokio::net::TcpListener, ingress: Arc<Ingress>, acceptor: TlsAcceptor) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!(error = %err, "TLS ingress accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = crate::ingress::accept(&listener, "TLS ingress").await;
         let acceptor = acceptor.clone();
         let ingress = ingress.clone();
         tokio::spawn(async move {

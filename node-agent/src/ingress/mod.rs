@@ -76,20 +76,47 @@ pub fn fleet_wide(pods: Pods, remote: Arc<RemoteRoutes>, domains: Arc<dyn Custom
     Arc::new(Ingress::new(Arc::new(FleetRoutes::new(local, remote))).with_domains(domains))
 }
 
-/// The `ingress` worker: binds `listen` (retrying with backoff while the address is taken or
-/// refused, so the rest of the agent runs meanwhile) and serves until the process ends.
+/// The `ingress` worker: binds `listen` (retrying with backoff, so the rest of the agent runs
+/// meanwhile) and serves until the process ends.
 pub async fn run(listen: SocketAddr, ingress: Arc<Ingress>) {
+    loop {
+        let listener = bind_with_backoff(listen, "ingress").await;
+        ingress.clone().serve(listener).await;
+    }
+}
+
+/// Binds `listen` for the listener named `what`, retrying while the address is taken or
+/// refused with a doubling pause (1 s up to [`MAX_BIND_BACKOFF`]). Shared by the plain and the
+/// TLS ingress.
+pub async fn bind_with_backoff(listen: SocketAddr, what: &'static str) -> tokio::net::TcpListener {
     let mut backoff = Duration::from_secs(1);
     loop {
         match tokio::net::TcpListener::bind(listen).await {
             Ok(listener) => {
-                tracing::info!(%listen, "ingress listening");
-                ingress.clone().serve(listener).await;
+                tracing::info!(%listen, "{what} listening");
+                return listener;
             }
             Err(err) => {
-                tracing::error!(%listen, error = %err, retry_in = ?backoff, "ingress cannot listen");
+                tracing::error!(%listen, error = %err, retry_in = ?backoff, "{what} cannot listen");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BIND_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The next connection on `listener` (named `what` in logs), with `TCP_NODELAY` set. A failed
+/// accept (out of file descriptors and the like) pauses 100 ms instead of spinning.
+pub async fn accept(listener: &tokio::net::TcpListener, what: &'static str) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "{what} accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }

@@ -182,16 +182,7 @@ impl Ingress {
     /// own task.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!(error = %err, "ingress accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+            let (stream, peer) = super::accept(&listener, "ingress").await;
             tokio::spawn(self.clone().serve_connection(stream, peer, Scheme::Http));
         }
     }
