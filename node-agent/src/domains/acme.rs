@@ -12,9 +12,9 @@
 //!
 //! *Errors.* An answer of the CA (a problem document, a failed challenge, an invalid order)
 //! becomes an [`IssueFailure`] for the control plane, which backs off (`rate_limited` when the
-//! CA says `rateLimited`; instant-acme does not expose `Retry-After`, so `retry_after_secs` is
-//! left to the control plane's backoff). Not reaching the control plane for the account is a
-//! transient job error (retried by the consumer).
+//! CA says `rateLimited`, and `retry_after_secs` from the CA's `Retry-After`, which instant-acme
+//! drops: its requests go through [`AcmeHttp`], which keeps it). Not reaching the control plane
+//! for the account is a transient job error (retried by the consumer).
 //!
 //! *Limitations.* HTTP-01 only (the CA must reach this node's ingress on port 80 for the host
 //! name; with several nodes, a challenge that reaches another node is routed to the pod's node
@@ -31,6 +31,7 @@ use instant_acme::{
 };
 use instapod_common::domains::{AcmeAccount, IssueFailure, IssuedCertificate};
 
+use super::acme_http::{AcmeHttp, RetryAfter};
 use super::challenges::ChallengeStore;
 use crate::fleet::{Fleet, FleetError};
 
@@ -107,7 +108,8 @@ impl IssueError {
         matches!(self, IssueError::Account(_))
     }
 
-    /// The report for the control plane.
+    /// The report for the control plane (without the CA's `Retry-After`: see
+    /// [`AcmeIssuer::failure`]).
     pub fn to_failure(&self) -> IssueFailure {
         let rate_limited = matches!(
             self,
@@ -132,6 +134,8 @@ pub struct AcmeIssuer {
     challenges: Arc<ChallengeStore>,
     /// The account last used, with the credentials (JSON) it was made from.
     account: tokio::sync::Mutex<Option<(serde_json::Value, Account)>>,
+    /// The CA's last `Retry-After` (kept by every client [`AcmeHttp`] of this issuer).
+    retry_after: Arc<RetryAfter>,
 }
 
 impl std::fmt::Debug for AcmeIssuer {
@@ -148,14 +152,29 @@ impl AcmeIssuer {
             ca_file,
             challenges,
             account: tokio::sync::Mutex::new(None),
+            retry_after: Arc::default(),
         }
     }
 
     fn builder(&self) -> Result<instant_acme::AccountBuilder, instant_acme::Error> {
-        match &self.ca_file {
-            Some(path) => Account::builder_with_root(path),
-            None => Account::builder(),
+        let http = AcmeHttp::new(self.ca_file.as_deref(), self.retry_after.clone())?;
+        Ok(Account::builder_with_http(Box::new(http)))
+    }
+
+    /// The report of `err` for the control plane, with the seconds the CA asked to wait when
+    /// its failing answer carried a `Retry-After`.
+    pub fn failure(&self, err: &IssueError) -> IssueFailure {
+        let mut failure = err.to_failure();
+        if matches!(
+            err,
+            IssueError::Acme {
+                error: instant_acme::Error::Api(_),
+                ..
+            }
+        ) {
+            failure.retry_after_secs = self.retry_after.take_fresh();
         }
+        failure
     }
 
     fn acme_error<'a>(stage: &'static str, hostname: &'a str) -> impl FnOnce(instant_acme::Error) -> IssueError + 'a {
@@ -317,5 +336,110 @@ async fn order_problems(order: &mut instant_acme::Order) -> String {
         "the CA gave no reason".into()
     } else {
         problems.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An account store without credentials yet (the issuer creates the account).
+    struct NoAccount(String);
+
+    impl AccountStore for NoAccount {
+        async fn get_account(&self) -> Result<AcmeAccount, FleetError> {
+            Ok(AcmeAccount {
+                directory_url: self.0.clone(),
+                contact: Vec::new(),
+                credentials: None,
+            })
+        }
+
+        async fn put_account(&self, account: &AcmeAccount) -> Result<AcmeAccount, FleetError> {
+            Ok(account.clone())
+        }
+    }
+
+    /// A CA that rate-limits account creation: its directory, a nonce, and `429` with
+    /// `Retry-After: 3600` and a `rateLimited` problem for anything posted.
+    async fn rate_limiting_ca() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let directory = serde_json::json!({
+            "newNonce": format!("{base}/nonce"),
+            "newAccount": format!("{base}/account"),
+            "newOrder": format!("{base}/order"),
+        })
+        .to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let directory = directory.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // The head, then as much body as it announces.
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&request).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(str::to_string)
+                                })
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if request.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&request).to_string();
+                    let answer = if head.starts_with("GET /directory") {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{directory}",
+                            directory.len()
+                        )
+                    } else if head.contains(" /nonce ") {
+                        "HTTP/1.1 200 OK\r\nreplay-nonce: bm9uY2U\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                            .to_string()
+                    } else {
+                        let problem = r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many new accounts","status":429}"#;
+                        format!(
+                            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/problem+json\r\nreplay-nonce: bm9uY2Uy\r\nretry-after: 3600\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{problem}",
+                            problem.len()
+                        )
+                    };
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        format!("{base}/directory")
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_reports_the_cas_retry_after() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let directory = rate_limiting_ca().await;
+        let issuer = AcmeIssuer::new(None, Arc::new(ChallengeStore::default()));
+        let err = issuer
+            .issue(&NoAccount(directory), "shop.example.test")
+            .await
+            .expect_err("the CA refuses");
+        assert!(!err.is_transient(), "{err}");
+        let failure = issuer.failure(&err);
+        assert!(failure.rate_limited, "{failure:?}");
+        assert!(failure.message.contains("too many new accounts"), "{failure:?}");
+        let wait = failure.retry_after_secs.expect("the CA's Retry-After");
+        assert!((3590..=3600).contains(&wait), "{failure:?}");
+        // Taken once: a later failure without a Retry-After does not reuse it.
+        assert_eq!(issuer.failure(&err).retry_after_secs, None);
     }
 }

@@ -83,7 +83,7 @@ impl DomainWorker {
                     }
                 }
                 Err(err) => {
-                    let failure = err.to_failure();
+                    let failure = self.issuer.failure(&err);
                     tracing::warn!(%domain_id, hostname, error = %err, rate_limited = failure.rate_limited, "certificate order failed");
                     let path = format!("domains/{domain_id}/certificate-failure");
                     self.report(&path, &failure, "the certificate failure").await?;

@@ -3,7 +3,8 @@
 //!
 //! Code map: [`dns`] (checking a domain's records with hickory-resolver against the configured
 //! nameservers, no cache) · [`acme`] (the platform's ACME account and HTTP-01 orders with
-//! instant-acme) · [`challenges`] (the HTTP-01 tokens of this node's orders in flight, answered
+//! instant-acme) · [`acme_http`] (instant-acme's requests on reqwest, keeping the CA's
+//! `Retry-After`) · [`challenges`] (the HTTP-01 tokens of this node's orders in flight, answered
 //! by the ingress) · [`feed`] (the `domain_feed` worker following the served domains, like the
 //! ingress route feed) · [`tls`] (certificates chosen by SNI, the TLS listener) · [`jobs`] (the
 //! consumer of `domains:<node_id>`) · this module: [`Served`], the served domains as the
@@ -16,6 +17,7 @@
 //! or the node it runs on).
 
 pub mod acme;
+pub mod acme_http;
 pub mod challenges;
 pub mod dns;
 pub mod feed;
