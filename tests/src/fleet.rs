@@ -34,6 +34,9 @@ pub struct FleetOptions {
     pub allocatable_cpu_millis: Option<u64>,
     /// Extra `INSTAPOD_AGENT_*` variables for every agent (later entries win).
     pub agent_env: Vec<(String, String)>,
+    /// Extra `INSTAPOD_AGENT_*` variables for one agent (its index first; these win over
+    /// `agent_env`).
+    pub node_agent_env: Vec<(usize, String, String)>,
     /// Extra `INSTAPOD_SCHEDULER_*` variables.
     pub scheduler_env: Vec<(String, String)>,
     /// Extra control-plane variables.
@@ -47,6 +50,7 @@ impl FleetOptions {
             regions: regions.into_iter().map(|r| r.as_ref().to_string()).collect(),
             allocatable_cpu_millis: None,
             agent_env: Vec::new(),
+            node_agent_env: Vec::new(),
             scheduler_env: Vec::new(),
             control_plane_env: Vec::new(),
         }
@@ -59,6 +63,12 @@ impl FleetOptions {
 
     pub fn agent_env(mut self, key: &str, value: &str) -> FleetOptions {
         self.agent_env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// A variable for agent `index` only (e.g. its own listen address).
+    pub fn node_agent_env(mut self, index: usize, key: &str, value: &str) -> FleetOptions {
+        self.node_agent_env.push((index, key.to_string(), value.to_string()));
         self
     }
 
@@ -147,6 +157,13 @@ impl Fleet {
                 ));
             }
             env.extend(options.agent_env.iter().cloned());
+            env.extend(
+                options
+                    .node_agent_env
+                    .iter()
+                    .filter(|(node, _, _)| *node == index)
+                    .map(|(_, key, value)| (key.clone(), value.clone())),
+            );
             let (child, log) = spawn_agent(&settings, &env);
             fleet.agents.push(child);
             fleet.agent_env.push(env);
@@ -201,6 +218,20 @@ impl Fleet {
     /// Agent `index`'s process id (for memory measurements).
     pub fn agent_pid(&self, index: usize) -> u32 {
         self.agents[index].id()
+    }
+
+    /// Agent `index`'s `instapod_node_agent_ingress_requests_total` for `outcome` (0 before the
+    /// first such request).
+    pub async fn ingress_requests(&self, index: usize, outcome: &str) -> f64 {
+        let metrics = crate::node::agent_metrics(self.nodes[index].metrics_port)
+            .await
+            .expect("the agent's metrics");
+        let prefix = format!("instapod_node_agent_ingress_requests_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// Kills agent `index` (its containers keep running).

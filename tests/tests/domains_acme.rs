@@ -9,6 +9,10 @@
 //! platform: a real control plane, scheduler and node agent (containerd, runc, CNI), a pod
 //! created through the API, its domain added, verified (wrong TXT first), issued by Pebble,
 //! served over HTTPS through the agent's TLS ingress, renewed, and removed.
+//!
+//! `an_http01_challenge_reaching_another_node_is_answered_by_the_pods_node` is two nodes where
+//! the name's DNS points at the node that did not place the order: the challenge is forwarded
+//! to the pod's node, and both nodes serve the certificate.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -306,28 +310,10 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
     // about 30 s after it was issued.
     let ingress_port = process::free_port();
     let pebble = Pebble::start(ingress_port, &dns_server, 120);
-    let key = {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(rand_bytes())
-    };
     let fleet = Fleet::start(
-        FleetOptions::regions(["local"])
+        domains_fleet(FleetOptions::regions(["local"]), &dns_server, &pebble)
             .agent_env("INSTAPOD_AGENT_INGRESS_LISTEN", &format!("127.0.0.1:{ingress_port}"))
-            .agent_env(
-                "INSTAPOD_AGENT_DOMAINS__NAMESERVERS",
-                &format!("[\"{}\"]", dns_server.dns_addr()),
-            )
-            .agent_env("INSTAPOD_AGENT_DOMAINS__RESOLVER_TIMEOUT_SECS", "2")
-            .agent_env(
-                "INSTAPOD_AGENT_ACME__CA_FILE",
-                &pebble.tls_ca_file().display().to_string(),
-            )
-            .control_plane_env("INSTAPOD_DOMAINS__ACME_DIRECTORY_URL", &pebble.directory_url())
-            .control_plane_env("INSTAPOD_DOMAINS__KEY_ENCRYPTION_KEY", &key)
-            .control_plane_env("INSTAPOD_DOMAINS__RENEW_BEFORE_SECS", "90")
-            .control_plane_env("INSTAPOD_DOMAINS__WORKER_INTERVAL_SECS", "1")
-            .control_plane_env("INSTAPOD_DOMAINS__RETRY_MIN_SECS", "1")
-            .control_plane_env("INSTAPOD_DOMAINS__RETRY_MAX_SECS", "5"),
+            .control_plane_env("INSTAPOD_DOMAINS__RENEW_BEFORE_SECS", "90"),
     )
     .await;
     let plain = SocketAddr::from(([127, 0, 0, 1], ingress_port));
@@ -505,6 +491,145 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
             .status()
             .as_u16();
         ensure!(status == 404, "plain HTTP answers {status}");
+        Ok(())
+    })
+    .await;
+    drop(fleet);
+    drop(pebble);
+}
+
+/// `options` with custom domains on: the agents resolve with `dns`, trust Pebble's HTTPS, and
+/// the control plane orders from Pebble with a fresh key encryption key, its worker every
+/// second and retries within 1–5 s.
+fn domains_fleet(
+    options: instapod_tests::fleet::FleetOptions,
+    dns: &ChallTestSrv,
+    pebble: &Pebble,
+) -> instapod_tests::fleet::FleetOptions {
+    let key = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(rand_bytes())
+    };
+    options
+        .agent_env(
+            "INSTAPOD_AGENT_DOMAINS__NAMESERVERS",
+            &format!("[\"{}\"]", dns.dns_addr()),
+        )
+        .agent_env("INSTAPOD_AGENT_DOMAINS__RESOLVER_TIMEOUT_SECS", "2")
+        .agent_env(
+            "INSTAPOD_AGENT_ACME__CA_FILE",
+            &pebble.tls_ca_file().display().to_string(),
+        )
+        .control_plane_env("INSTAPOD_DOMAINS__ACME_DIRECTORY_URL", &pebble.directory_url())
+        .control_plane_env("INSTAPOD_DOMAINS__KEY_ENCRYPTION_KEY", &key)
+        .control_plane_env("INSTAPOD_DOMAINS__WORKER_INTERVAL_SECS", "1")
+        .control_plane_env("INSTAPOD_DOMAINS__RETRY_MIN_SECS", "1")
+        .control_plane_env("INSTAPOD_DOMAINS__RETRY_MAX_SECS", "5")
+}
+
+/// The records the API asked for when `added` was added: the TXT's name and value and the
+/// CNAME's target.
+fn asked_records(added: &serde_json::Value) -> (String, String, String) {
+    let records = added["records"].as_array().expect("records");
+    let record = |kind: &str| {
+        records
+            .iter()
+            .find(|r| r["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} record in {added}"))
+    };
+    let (txt, cname) = (record("TXT"), record("CNAME"));
+    let text = |value: &serde_json::Value| value.as_str().expect("a string").to_string();
+    (text(&txt["name"]), text(&txt["value"]), text(&cname["value"]))
+}
+
+/// Two nodes on 127.0.0.2 and 127.0.0.3, the same ingress port (the one Pebble validates on).
+/// The name's DNS points at the node the pod does not run on: Pebble's HTTP-01 request reaches
+/// that node, which does not know the token and forwards the request to the pod's node (the
+/// one that placed the order), which answers it. Then both nodes serve the certificate.
+#[tokio::test]
+async fn an_http01_challenge_reaching_another_node_is_answered_by_the_pods_node() {
+    use instapod_tests::fleet::{Fleet, FleetOptions};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dns_server = ChallTestSrv::start();
+    let ingress_port = process::free_port();
+    let pebble = Pebble::start(ingress_port, &dns_server, 3600);
+    let address = |index: usize| format!("127.0.0.{}", index + 2);
+    let listen = |index: usize| format!("{}:{ingress_port}", address(index));
+    let fleet = Fleet::start(
+        domains_fleet(FleetOptions::regions(["local", "local"]), &dns_server, &pebble)
+            .node_agent_env(0, "INSTAPOD_AGENT_INGRESS_LISTEN", &listen(0))
+            .node_agent_env(1, "INSTAPOD_AGENT_INGRESS_LISTEN", &listen(1)),
+    )
+    .await;
+    let user = instapod_tests::scale_user(&fleet.cp).await;
+    let image = instapod_tests::node::web_image().await;
+    let pod = create_running_pod(&user, "web", &image).await;
+    let pod_id = pod["id"].as_str().expect("pod id").to_string();
+    let node = pod["node"].as_str().expect("a running pod has a node");
+    let owner = (0..2)
+        .find(|&index| node == format!("node-{index}-local"))
+        .unwrap_or_else(|| panic!("unknown node {node}"));
+    let other = 1 - owner;
+    let volume = fleet.nodes[owner].state_dir.join("volumes").join(&pod_id);
+    std::fs::write(volume.join("hello.txt"), "one pod, two nodes").expect("write into the volume");
+
+    let host = format!("multi-{}.example.test", &ids::random_suffix()[..8]);
+    let added = user
+        .client()
+        .post_json("/api/pods/web/domains", &serde_json::json!({"hostname": host}))
+        .await
+        .json_with_status(201);
+    let id = added["id"].as_str().expect("domain id").to_string();
+    let (txt_name, txt_value, cname_target) = asked_records(&added);
+    dns_server.set_txt(&txt_name, &txt_value).await;
+    dns_server.set_cname(&host, &cname_target).await;
+    // The pod's platform name resolves to the other node (challtestsrv follows the CNAME).
+    dns_server.add_a(&cname_target, &[&address(other)]).await;
+    user.client()
+        .post_json(&format!("/api/pods/web/domains/{id}/verify"), &serde_json::json!({}))
+        .await
+        .assert_status(202);
+    let active = eventually(WAIT, "the domain active with a certificate", || async {
+        let found = domain(&user, "web", &id).await?;
+        ensure!(
+            found["status"] == "active" && found["certificate"].is_object(),
+            "{found}\npebble:\n{}",
+            pebble.log_tail()
+        );
+        Ok(found)
+    })
+    .await;
+    assert!(active["verified_at"].is_string(), "{active}");
+    // The validation went through the other node to the pod's node.
+    assert!(
+        fleet.ingress_requests(other, "forwarded").await >= 1.0,
+        "the other node forwarded nothing"
+    );
+    assert_eq!(fleet.ingress_requests(other, "acme_challenge").await, 0.0);
+    assert!(
+        fleet.ingress_requests(owner, "acme_challenge").await >= 1.0,
+        "the pod's node answered no challenge"
+    );
+
+    // Every node's TLS ingress serves the certificate and reaches the pod.
+    let root = pebble.issuing_root_pem().await;
+    for index in [owner, other] {
+        let tls = SocketAddr::from(([127, 0, 0, 1], fleet.nodes[index].ingress_tls_port));
+        let client = https_client(&root, &host, tls);
+        let url = format!("https://{host}:{}/hello.txt", tls.port());
+        eventually(WAIT, &format!("HTTPS through node {index}"), || async {
+            let response = client.get(&url).send().await?;
+            let status = response.status().as_u16();
+            let body = response.text().await?;
+            ensure!(status == 200 && body == "one pod, two nodes", "{status}: {body}");
+            Ok(())
+        })
+        .await;
+    }
+    user.client().delete_response("/api/pods/web").await.assert_status(202);
+    eventually(WAIT, "the pod deleted", || async {
+        let status = user.client().get("/api/pods/web").send().await.status;
+        ensure!(status == 404, "still {status}");
         Ok(())
     })
     .await;

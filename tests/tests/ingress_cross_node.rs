@@ -107,19 +107,6 @@ async fn wait_for(host: &str, ingress: SocketAddr, path: &str, status: u16, text
     .await
 }
 
-/// The agent's `instapod_node_agent_ingress_requests_total` for `outcome`.
-async fn ingress_requests(fleet: &Fleet, index: usize, outcome: &str) -> f64 {
-    let metrics = instapod_tests::node::agent_metrics(fleet.nodes[index].metrics_port)
-        .await
-        .expect("metrics");
-    let prefix = format!("instapod_node_agent_ingress_requests_total{{outcome=\"{outcome}\"}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Reads an HTTP response head (through the blank line).
 async fn read_head(reader: &mut BufReader<TcpStream>) -> anyhow::Result<String> {
     let mut head = String::new();
@@ -189,7 +176,7 @@ async fn any_node_serves_every_pod_and_stale_routes_do_not_loop() {
     wait_for(&host, at_owner, "/hello.txt", 200, "served by the pod's node").await;
     let (_, body) = wait_for(&host, at_other, "/hello.txt", 200, "served by the pod's node").await;
     assert_eq!(body, "served by the pod's node");
-    assert!(ingress_requests(&fleet, other, "forwarded").await >= 1.0);
+    assert!(fleet.ingress_requests(other, "forwarded").await >= 1.0);
 
     // What the pod sees through two ingresses: the client, not the first node.
     let response = client_for(&host, at_other)
@@ -323,13 +310,13 @@ async fn any_node_serves_every_pod_and_stale_routes_do_not_loop() {
     )
     .await
     .expect("place the pod on the ghost node");
-    let misrouted_before = ingress_requests(&fleet, 1, "misrouted").await;
+    let misrouted_before = fleet.ingress_requests(1, "misrouted").await;
     let (retry_after, page) = wait_for(&waiting_host, ingress(&fleet, 0), "/", 502, "do not agree").await;
     assert_eq!(retry_after.as_deref(), Some("5"));
-    let misrouted = ingress_requests(&fleet, 1, "misrouted").await - misrouted_before;
+    let misrouted = fleet.ingress_requests(1, "misrouted").await - misrouted_before;
     assert!(misrouted >= 1.0, "the second node did not refuse: {page}");
     // Every request the first node forwarded came back as exactly one refusal.
-    let forwarded_by_first = ingress_requests(&fleet, 0, "misrouted").await;
+    let forwarded_by_first = fleet.ingress_requests(0, "misrouted").await;
     assert_eq!(forwarded_by_first, 0.0, "the first node never saw the request again");
 
     // Stopped: the other node answers with the owner's 503 page.
