@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! export CARGO_TARGET_DIR=/var/cache/instapod-target
-//! cargo run --release -p instapod-tests --example bench_ingress_tls   # BENCH_N=<requests per series>, default 20000
+//! cargo run --release -p instapod-tests --example bench_ingress_tls   # BENCH_N=<requests per series>, default 20000; BENCH_ROUNDS, default 3
 //! ```
 //!
 //! Set-up (not timed): an upstream on 127.0.0.1 standing in for a pod (HTTP/1.1 keep-alive, a
@@ -12,7 +12,11 @@
 //! certificate chosen by SNI among the served custom domains; a self-signed certificate made
 //! with the openssl CLI), the host routed to the upstream like a custom domain of its pod.
 //!
-//! Series, each `BENCH_N` GET requests from 16 concurrent clients:
+//! The ingress runs on a tokio runtime of its own (two workers, named `ingress`), as it does in
+//! the agent's process; the clients on the main one.
+//!
+//! Series, each `BENCH_N` GET requests from 16 concurrent clients, run in turn for
+//! `BENCH_ROUNDS` rounds; each round's figures are printed, then each series' median:
 //! - **direct**: HTTP keep-alive straight to the upstream;
 //! - **ingress http**: HTTP keep-alive through the ingress;
 //! - **ingress https (kept)**: HTTPS keep-alive through the TLS ingress (one handshake per
@@ -208,6 +212,11 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let real_pod = std::env::var("BENCH_UPSTREAM").is_ok_and(|v| v == "pod");
     let (node, pod, pod_id) = if real_pod {
         let (node, addr, id) = pod_upstream().await;
@@ -247,13 +256,22 @@ async fn main() {
             challenges: Arc::new(ChallengeStore::default()),
         })),
     );
+    // The ingress on a runtime of its own, as in the agent's process (two workers: the
+    // agent's default on this machine), so that it does not share worker threads with the
+    // clients.
+    let ingress_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ingress")
+        .enable_all()
+        .build()
+        .expect("the ingress's runtime");
     let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let plain_addr = plain.local_addr().expect("address");
-    tokio::spawn(ingress.clone().serve(plain));
+    ingress_runtime.spawn(ingress.clone().serve(plain));
     let tls = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let tls_addr = tls.local_addr().expect("address");
     let config = server_config(Arc::new(SniResolver::new(served, None))).expect("TLS config");
-    tokio::spawn(instapod_node_agent::domains::tls::serve(
+    ingress_runtime.spawn(instapod_node_agent::domains::tls::serve(
         tls,
         ingress,
         Acceptor::from(config),
@@ -303,31 +321,49 @@ async fn main() {
     .await;
     throughput((0..CLIENTS).map(|_| tls_client(true)).collect(), tls_url.clone(), warm).await;
 
-    let direct = throughput(
-        (0..CLIENTS).map(|_| plain_client(pod, "x")).collect(),
-        direct_url.clone(),
-        n,
-    )
-    .await;
-    let via_http = throughput(
-        (0..CLIENTS)
-            .map(|_| plain_client(plain_addr, "web-a.apps.test"))
-            .collect(),
-        plain_url.clone(),
-        n,
-    )
-    .await;
-    let via_https = throughput((0..CLIENTS).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
-    let resumed_clients: Vec<reqwest::Client> = (0..CLIENTS).map(|_| tls_client(false)).collect();
-    // One request per client first, so that every later connection resumes a session.
-    throughput(resumed_clients.clone(), tls_url.clone(), CLIENTS).await;
-    let via_https_resumed = throughput(resumed_clients, tls_url.clone(), n / 4).await;
+    // Rounds of the four series in turn; the medians are reported (one round's figures move
+    // by ±15% on this 2-core machine).
+    let mut series: [Vec<f64>; 4] = Default::default();
+    for round in 1..=rounds {
+        let direct = throughput(
+            (0..CLIENTS).map(|_| plain_client(pod, "x")).collect(),
+            direct_url.clone(),
+            n,
+        )
+        .await;
+        let via_http = throughput(
+            (0..CLIENTS)
+                .map(|_| plain_client(plain_addr, "web-a.apps.test"))
+                .collect(),
+            plain_url.clone(),
+            n,
+        )
+        .await;
+        let via_https = throughput((0..CLIENTS).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
+        let resumed_clients: Vec<reqwest::Client> = (0..CLIENTS).map(|_| tls_client(false)).collect();
+        // One request per client first, so that every later connection resumes a session.
+        throughput(resumed_clients.clone(), tls_url.clone(), CLIENTS).await;
+        let via_https_resumed = throughput(resumed_clients, tls_url.clone(), n / 4).await;
+        println!(
+            "round {round}: direct {direct:.0}, http {via_http:.0} ({:.2}), https kept {via_https:.0} ({:.2}), https resumed {via_https_resumed:.0} ({:.2})",
+            via_http / direct,
+            via_https / direct,
+            via_https_resumed / direct
+        );
+        for (all, value) in series.iter_mut().zip([direct, via_http, via_https, via_https_resumed]) {
+            all.push(value);
+        }
+    }
+    let [direct, via_http, via_https, via_https_resumed] = series.map(|mut all| {
+        all.sort_by(f64::total_cmp);
+        all[all.len() / 2]
+    });
 
     println!(
-        "requests/s, {CLIENTS} concurrent clients, {n} requests per series (resumed: {}):",
+        "requests/s, median of {rounds} rounds, {CLIENTS} concurrent clients, {n} requests per series (resumed: {}):",
         n / 4
     );
-    println!("  direct (keep-alive)              {direct:>10.0}");
+    println!("  direct                           {direct:>10.0}");
     println!(
         "  ingress http (keep-alive)        {via_http:>10.0}  ratio {:.2}",
         via_http / direct
@@ -374,4 +410,5 @@ async fn main() {
             .await
             .expect("the pod is deleted");
     }
+    ingress_runtime.shutdown_background();
 }
