@@ -205,6 +205,40 @@ async fn pod_upstream() -> (instapod_tests::node::TestNode, SocketAddr, uuid::Uu
     );
 }
 
+/// `net.ipv4.tcp_tw_reuse` set to 1 while it lives, restored when dropped.
+///
+/// busybox `httpd` answers `Connection: close`, and whoever reads that answer (the bench's
+/// client in the direct series, the ingress in the others) closes first, so each request leaves
+/// a TIME_WAIT socket from the host's bridge address to the pod's `ip:8080` for 60 s. At a few
+/// thousand requests per second the 28,000 ephemeral ports to that one destination run out
+/// within a round, and `connect` spends whole seconds of system time searching for a free port
+/// (the kernel's default, 2, reuses TIME_WAIT ports on loopback only). With 1 a port in
+/// TIME_WAIT is reused for a new outgoing connection when TCP timestamps make it safe: what a
+/// node that proxies to pods closing their connections needs anyway (docs/node-agent.md).
+struct TimeWaitReuse(Option<String>);
+
+impl TimeWaitReuse {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+
+    fn enable() -> TimeWaitReuse {
+        let before = std::fs::read_to_string(Self::PATH).ok().map(|v| v.trim().to_string());
+        if before.as_deref() != Some("1") {
+            std::fs::write(Self::PATH, "1").expect("set net.ipv4.tcp_tw_reuse (as root)");
+            println!("net.ipv4.tcp_tw_reuse = 1 for this run (was {})", before.as_deref().unwrap_or("?"));
+            return TimeWaitReuse(before);
+        }
+        TimeWaitReuse(None)
+    }
+}
+
+impl Drop for TimeWaitReuse {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            let _ = std::fs::write(Self::PATH, before);
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -218,6 +252,7 @@ async fn main() {
         .unwrap_or(3)
         .max(1);
     let real_pod = std::env::var("BENCH_UPSTREAM").is_ok_and(|v| v == "pod");
+    let _reuse = real_pod.then(TimeWaitReuse::enable);
     let (node, pod, pod_id) = if real_pod {
         let (node, addr, id) = pod_upstream().await;
         (Some(node), addr, id)
