@@ -126,6 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             served: served_domains.clone(),
             challenges: challenges.clone(),
         }),
+        config.ingress_https_port.unwrap_or(config.ingress_tls_listen.port()),
     );
     tokio::spawn(crate::ingress::run(config.ingress_listen, ingress.clone()));
     let platform_certificate = match (&config.platform_cert_file, &config.platform_key_file) {

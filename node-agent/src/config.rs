@@ -73,6 +73,10 @@ pub struct Config {
     /// Where the TLS ingress listens (HTTPS for custom domains with a certificate and, when
     /// `platform_cert_file` is set, the platform's host names). Default `0.0.0.0:443`.
     pub ingress_tls_listen: SocketAddr,
+    /// The port clients reach the TLS ingress on, named in the HTTP→HTTPS redirect of a
+    /// custom domain unless it is 443. Default: `ingress_tls_listen`'s port (set it when a
+    /// port forward puts the public port elsewhere).
+    pub ingress_https_port: Option<u16>,
     /// The platform's own certificate (PEM chain, e.g. `*.apps.example.com`), served on the TLS
     /// ingress for the names it covers. Optional; needs `platform_key_file`.
     pub platform_cert_file: Option<PathBuf>,
@@ -236,6 +240,7 @@ impl Default for Config {
             ingress_listen: SocketAddr::from(([0, 0, 0, 0], 80)),
             ingress_advertise: None,
             ingress_tls_listen: SocketAddr::from(([0, 0, 0, 0], 443)),
+            ingress_https_port: None,
             platform_cert_file: None,
             platform_key_file: None,
             domains: DomainsConfig::default(),

@@ -224,7 +224,10 @@ impl TimeWaitReuse {
         let before = std::fs::read_to_string(Self::PATH).ok().map(|v| v.trim().to_string());
         if before.as_deref() != Some("1") {
             std::fs::write(Self::PATH, "1").expect("set net.ipv4.tcp_tw_reuse (as root)");
-            println!("net.ipv4.tcp_tw_reuse = 1 for this run (was {})", before.as_deref().unwrap_or("?"));
+            println!(
+                "net.ipv4.tcp_tw_reuse = 1 for this run (was {})",
+                before.as_deref().unwrap_or("?")
+            );
             return TimeWaitReuse(before);
         }
         TimeWaitReuse(None)

@@ -439,7 +439,7 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
         "{env}"
     );
 
-    // Plain HTTP redirects to HTTPS (308), keeping the path.
+    // Plain HTTP redirects to HTTPS (308) on the TLS ingress's port, keeping the path.
     let plain_client = instapod_tests::http_builder()
         .no_proxy()
         .resolve(&host, plain)
@@ -454,7 +454,8 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
     assert_eq!(response.status().as_u16(), 308);
     assert_eq!(
         response.headers().get("location").and_then(|v| v.to_str().ok()),
-        Some(format!("https://{host}/hello.txt?x=1").as_str())
+        Some(format!("https://{host}:{}/hello.txt?x=1", tls.port()).as_str()),
+        "the redirect names the TLS ingress's port (not 443 here)"
     );
 
     // Renewal: a second certificate replaces the first before it expires, and is served.

@@ -71,9 +71,19 @@ pub fn local(pods: Pods) -> Arc<Ingress> {
 
 /// The ingress of the whole fleet's pods: this node's merged with `remote` (the other nodes'
 /// pods, kept current by [`feed::run`]), and the custom `domains` of those pods.
-pub fn fleet_wide(pods: Pods, remote: Arc<RemoteRoutes>, domains: Arc<dyn CustomDomains>) -> Arc<Ingress> {
+/// Plain HTTP to a custom domain with a certificate is redirected to HTTPS on `https_port`.
+pub fn fleet_wide(
+    pods: Pods,
+    remote: Arc<RemoteRoutes>,
+    domains: Arc<dyn CustomDomains>,
+    https_port: u16,
+) -> Arc<Ingress> {
     let local = Arc::new(LocalRoutes::new(pods));
-    Arc::new(Ingress::new(Arc::new(FleetRoutes::new(local, remote))).with_domains(domains))
+    Arc::new(
+        Ingress::new(Arc::new(FleetRoutes::new(local, remote)))
+            .with_domains(domains)
+            .with_https_port(https_port),
+    )
 }
 
 /// The `ingress` worker: binds `listen` (retrying with backoff, so the rest of the agent runs

@@ -140,6 +140,8 @@ pub struct Ingress {
     routes: Arc<dyn RouteSource>,
     domains: Option<Arc<dyn CustomDomains>>,
     client: Client<HttpConnector, Incoming>,
+    /// The port clients reach the TLS ingress on, named in HTTP→HTTPS redirects unless 443.
+    https_port: u16,
 }
 
 /// What the ingress adds to a forwarded request.
@@ -169,7 +171,15 @@ impl Ingress {
             routes,
             domains: None,
             client,
+            https_port: 443,
         }
+    }
+
+    /// Redirects plain HTTP for custom domains to HTTPS on `port` (default 443, which the
+    /// redirect does not name).
+    pub fn with_https_port(mut self, port: u16) -> Ingress {
+        self.https_port = port;
+        self
     }
 
     /// Also serves custom domains and answers ACME HTTP-01 challenges.
@@ -269,7 +279,14 @@ impl Ingress {
         // path, and except a request another node forwarded (its client may have used HTTPS).
         if scheme == Scheme::Http && !from_node && !challenge_path && custom.is_some_and(|c| c.has_certificate) {
             let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-            return (Outcome::Redirected, redirect_response(&format!("https://{host}{path}")));
+            let port = match self.https_port {
+                443 => String::new(),
+                port => format!(":{port}"),
+            };
+            return (
+                Outcome::Redirected,
+                redirect_response(&format!("https://{host}{port}{path}")),
+            );
         }
         let forwarding = |to_node| Forwarding {
             peer,
@@ -767,13 +784,23 @@ mod tests {
                 },
             ),
         ]);
+        let table = Arc::new(table);
+        let domains = Arc::new(domains);
         let ingress = Arc::new(
-            Ingress::new(Arc::new(StaticRoutes(Arc::new(table), Some(Arc::from("hop")))))
-                .with_domains(Arc::new(domains)),
+            Ingress::new(Arc::new(StaticRoutes(table.clone(), Some(Arc::from("hop"))))).with_domains(domains.clone()),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         tokio::spawn(ingress.serve(listener));
+        // The same, with its TLS ingress on another port than 443.
+        let on_8443 = Arc::new(
+            Ingress::new(Arc::new(StaticRoutes(table, Some(Arc::from("hop")))))
+                .with_domains(domains)
+                .with_https_port(8443),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr_8443 = listener.local_addr().expect("address");
+        tokio::spawn(on_8443.serve(listener));
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = reqwest::Client::builder()
             .no_proxy()
@@ -808,6 +835,17 @@ mod tests {
         assert_eq!(
             (status, location.as_deref()),
             (308, Some("https://shop.example.com/cart?id=2"))
+        );
+        let response = client
+            .get(format!("http://{addr_8443}/cart?id=2"))
+            .header("host", "shop.example.com")
+            .send()
+            .await
+            .expect("the ingress answers");
+        assert_eq!(response.status().as_u16(), 308);
+        assert_eq!(
+            response.headers().get("location").and_then(|v| v.to_str().ok()),
+            Some("https://shop.example.com:8443/cart?id=2")
         );
         // ... unless another node forwarded it (its client may have come over HTTPS).
         let (status, _, body) = fetch("shop.example.com", "/cart", Some(("x-instapod-hop", "hop"))).await;
