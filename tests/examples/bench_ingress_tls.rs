@@ -10,7 +10,7 @@
 //! 13-byte answer to every GET; in-process so that its own cost is small and equal for every
 //! series), the agent's [`Ingress`] on a plain listener and on its TLS listener (rustls,
 //! certificate chosen by SNI among the served custom domains; a self-signed certificate made
-//! with the openssl CLI), the host routed to the upstream like a custom domain of its pod.
+//! with the openssl CLI by `instapod_tests::acme::self_signed`), the host routed to the upstream like a custom domain of its pod.
 //!
 //! The ingress runs on a tokio runtime of its own (two workers, named `ingress`), as it does in
 //! the agent's process; the clients on the main one.
@@ -88,43 +88,6 @@ async fn upstream() -> SocketAddr {
         }
     });
     addr
-}
-
-/// A self-signed certificate for `HOST` (chain PEM, key PEM).
-fn certificate() -> (String, String) {
-    let dir = std::env::temp_dir().join(format!("instapod-bench-tls-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            &format!("/CN={HOST}"),
-            "-addext",
-            &format!("subjectAltName=DNS:{HOST}"),
-        ])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl (apt-get install openssl)");
-    assert!(status.success());
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("read");
-    let pair = (read("cert.pem"), read("key.pem"));
-    let _ = std::fs::remove_dir_all(&dir);
-    pair
 }
 
 /// `n` GETs from `CLIENTS` concurrent tasks, each with its own client: requests per second.
@@ -273,7 +236,7 @@ async fn main() {
     let mut table = RoutingTable::default();
     table.insert("web-a.apps.test", Target::Pod { pod_id, addr: pod });
     table.note_pod_host(pod_id, "web-a.apps.test");
-    let (chain_pem, key_pem) = certificate();
+    let (chain_pem, key_pem) = instapod_tests::acme::self_signed(HOST, 1);
     let served = Arc::new(Served::default());
     served.apply(&ServedDomains {
         version: "1".into(),

@@ -197,38 +197,6 @@ fn check(record_type: &str, name: &str, expected: &[&str], found: &[&str], ok: b
     json!({"record_type": record_type, "name": name, "expected": expected, "found": found, "ok": ok, "error": null})
 }
 
-/// A self-signed certificate and its PKCS#8 key for `hostname`, valid for `days` (openssl).
-fn self_signed(hostname: &str, days: u32) -> (String, String) {
-    let dir = instapod_tests::process::temp_dir("domains-cert");
-    let key = dir.join("key.pem");
-    let cert = dir.join("cert.pem");
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args(["-days", &days.to_string(), "-subj", &format!("/CN={hostname}")])
-        .args(["-addext", &format!("subjectAltName=DNS:{hostname}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl (apt-get install openssl)");
-    assert!(status.success(), "openssl req failed");
-    (
-        std::fs::read_to_string(&cert).expect("cert.pem"),
-        std::fs::read_to_string(&key).expect("key.pem"),
-    )
-}
-
 fn certificate_body(chain: &str, key: &str, days: i64) -> Value {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     json!({"chain_pem": chain, "key_pem": key, "not_before": now - 60, "not_after": now + days * 86_400})
@@ -666,7 +634,7 @@ async fn verification_and_certificates_through_the_node_reports() {
     assert!(feed["domains"][0]["certificate"].is_null());
 
     // A certificate for another name is refused.
-    let (wrong_chain, wrong_key) = self_signed("other.flow.example", 30);
+    let (wrong_chain, wrong_key) = instapod_tests::acme::self_signed("other.flow.example", 30);
     let refused = node_client(&setup)
         .put_json(
             &internal(&setup, &format!("/domains/{id}/certificate")),
@@ -677,7 +645,7 @@ async fn verification_and_certificates_through_the_node_reports() {
     assert!(refused.contains("does not cover"), "{refused}");
     // A key that is not the leaf's is refused.
     // 60 days: outside the default renewal window (30 days), so no renewal is ordered.
-    let (chain, key) = self_signed(hostname, 60);
+    let (chain, key) = instapod_tests::acme::self_signed(hostname, 60);
     node_client(&setup)
         .put_json(
             &internal(&setup, &format!("/domains/{id}/certificate")),
@@ -811,7 +779,7 @@ async fn the_worker_reverifies_and_detaches_a_domain_whose_proof_is_gone() {
         )
         .await
         .assert_status(204);
-    let (chain, key) = self_signed(hostname, 90);
+    let (chain, key) = instapod_tests::acme::self_signed(hostname, 90);
     node_client(&setup)
         .put_json(
             &internal(&setup, &format!("/domains/{id}/certificate")),
@@ -893,7 +861,7 @@ async fn certificates_close_to_expiry_are_renewed_by_the_worker() {
         .assert_status(204);
     wait_job(&setup, "issue_certificate", &id).await;
     // A certificate that expires in 5 days, within renew_before (10 days).
-    let (chain, key) = self_signed(hostname, 5);
+    let (chain, key) = instapod_tests::acme::self_signed(hostname, 5);
     node_client(&setup)
         .put_json(
             &internal(&setup, &format!("/domains/{id}/certificate")),
