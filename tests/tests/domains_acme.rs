@@ -290,6 +290,30 @@ async fn domain(user: &instapod_tests::TestUser, pod: &str, id: &str) -> anyhow:
     Ok(found.clone())
 }
 
+/// Asks for domain `id` of pod `pod` to be verified, and waits until it is active with a
+/// certificate (Pebble's log in the failure).
+async fn verify_until_active(
+    user: &instapod_tests::TestUser,
+    pod: &str,
+    id: &str,
+    pebble: &Pebble,
+) -> serde_json::Value {
+    user.client()
+        .post_json(&format!("/api/pods/{pod}/domains/{id}/verify"), &serde_json::json!({}))
+        .await
+        .assert_status(202);
+    eventually(WAIT, "the domain active with a certificate", || async {
+        let found = domain(user, pod, id).await?;
+        ensure!(
+            found["status"] == "active" && found["certificate"].is_object(),
+            "{found}\npebble:\n{}",
+            pebble.log_tail()
+        );
+        Ok(found)
+    })
+    .await
+}
+
 /// The DER of the leaf an HTTPS response came with.
 fn peer_leaf(response: &reqwest::Response) -> Vec<u8> {
     response
@@ -397,19 +421,7 @@ async fn a_custom_domain_goes_from_dns_records_to_https_with_renewal_and_removal
 
     // Fixed: verified, then a certificate from Pebble, then active.
     dns_server.set_txt(&txt_name, &txt_value).await;
-    user.client()
-        .post_json(&format!("/api/pods/web/domains/{id}/verify"), &serde_json::json!({}))
-        .await
-        .assert_status(202);
-    let active = eventually(WAIT, "the domain active with a certificate", || async {
-        let found = domain(&user, "web", &id).await?;
-        ensure!(
-            found["status"] == "active" && found["certificate"].is_object(),
-            "{found}"
-        );
-        Ok(found)
-    })
-    .await;
+    let active = verify_until_active(&user, "web", &id, &pebble).await;
     assert!(active["verified_at"].is_string(), "{active}");
 
     // HTTPS with SNI through the agent's TLS ingress reaches the pod, valid for Pebble's root.
@@ -586,20 +598,7 @@ async fn an_http01_challenge_reaching_another_node_is_answered_by_the_pods_node(
     dns_server.set_cname(&host, &cname_target).await;
     // The pod's platform name resolves to the other node (challtestsrv follows the CNAME).
     dns_server.add_a(&cname_target, &[&address(other)]).await;
-    user.client()
-        .post_json(&format!("/api/pods/web/domains/{id}/verify"), &serde_json::json!({}))
-        .await
-        .assert_status(202);
-    let active = eventually(WAIT, "the domain active with a certificate", || async {
-        let found = domain(&user, "web", &id).await?;
-        ensure!(
-            found["status"] == "active" && found["certificate"].is_object(),
-            "{found}\npebble:\n{}",
-            pebble.log_tail()
-        );
-        Ok(found)
-    })
-    .await;
+    let active = verify_until_active(&user, "web", &id, &pebble).await;
     assert!(active["verified_at"].is_string(), "{active}");
     // The validation went through the other node to the pod's node.
     assert!(
