@@ -63,6 +63,18 @@ async fn setup() -> Setup {
     setup_with(&[]).await
 }
 
+/// How many domains the control plane stores (all teams).
+async fn domain_count(setup: &Setup) -> i64 {
+    setup
+        .cp
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM domains", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
 /// Joins a node and sends one heartbeat (healthy); returns its id and token.
 async fn join_node(cp: &ControlPlane, name: &str) -> (String, String) {
     let joined = cp
@@ -109,7 +121,8 @@ async fn add_domain(user: &TestUser, pod: &str, hostname: &str) -> Value {
         .json_with_status(201)
 }
 
-async fn get_domain(user: &TestUser, pod: &str, id: &str) -> Value {
+/// The first domain of `pod`'s list whose `field` is `value`.
+async fn listed_domain(user: &TestUser, pod: &str, field: &str, value: &str) -> Value {
     let list = user
         .client()
         .get_response(&format!("/api/pods/{pod}/domains"))
@@ -119,9 +132,13 @@ async fn get_domain(user: &TestUser, pod: &str, id: &str) -> Value {
         .as_array()
         .expect("a domains array")
         .iter()
-        .find(|d| d["id"] == id)
+        .find(|d| d[field] == value)
         .cloned()
-        .unwrap_or_else(|| panic!("domain {id} not listed: {list}"))
+        .unwrap_or_else(|| panic!("no domain with {field} {value} in {list}"))
+}
+
+async fn get_domain(user: &TestUser, pod: &str, id: &str) -> Value {
+    listed_domain(user, pod, "id", id).await
 }
 
 async fn events(user: &TestUser, pod: &str) -> Vec<String> {
@@ -252,14 +269,7 @@ async fn hostnames_are_normalised_or_refused() {
         .post_json(&path, &json!({"hostname": "x.example.com", "extra": 1}))
         .await
         .assert_error(400, "invalid_json");
-    let count: i64 = setup
-        .cp
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM domains", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count = domain_count(&setup).await;
     assert_eq!(count, 5, "only the valid names were stored");
 }
 
@@ -312,18 +322,7 @@ async fn a_name_is_claimed_once_across_teams() {
 }
 
 async fn get_domain_by_name(user: &TestUser, pod: &str, hostname: &str) -> Value {
-    let list = user
-        .client()
-        .get_response(&format!("/api/pods/{pod}/domains"))
-        .await
-        .json_with_status(200);
-    list["domains"]
-        .as_array()
-        .expect("domains")
-        .iter()
-        .find(|d| d["hostname"] == hostname)
-        .cloned()
-        .unwrap_or_else(|| panic!("{hostname} not in {list}"))
+    listed_domain(user, pod, "hostname", hostname).await
 }
 
 #[tokio::test]
@@ -1007,14 +1006,7 @@ async fn deleting_the_pod_deletes_its_domains() {
         .delete_response(&format!("/api/pods/{}", setup.pod))
         .await
         .assert_status(202);
-    let count: i64 = setup
-        .cp
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM domains", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count = domain_count(&setup).await;
     assert_eq!(count, 0, "the domains went with the pod");
     eventually(WAIT, "no longer served", || async {
         let feed = node_client(&setup)
