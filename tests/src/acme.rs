@@ -16,10 +16,10 @@
 //! harness's watchdog. A missing binary panics with what to install: tests never skip.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{self, ServiceProcess, StopSignal};
+use crate::process::{self, ServiceProcess};
 
 /// Where the binaries are (`apt-get install pebble`).
 fn binary(name: &str) -> PathBuf {
@@ -54,24 +54,21 @@ impl ChallTestSrv {
         for _ in 0..3 {
             let dns_port = process::free_port();
             let management_port = process::free_port();
-            let log_path = dir.join(format!("challtestsrv-{dns_port}.log"));
-            let (stdout, stderr) = process::log_file_stdio(&log_path);
-            let mut child = Command::new(&binary)
+            let mut command = Command::new(&binary);
+            command
                 .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
                 .args(["-management", &format!("127.0.0.1:{management_port}")])
                 .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
                 .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-            process::register_child(&child, StopSignal::Kill);
-            match process::wait_ready("pebble-challtestsrv", &mut child, Duration::from_secs(20), || {
-                port_open(management_port)
-            }) {
-                Ok(()) => {
+                .current_dir(&dir);
+            match process::start_service(
+                "pebble-challtestsrv",
+                &mut command,
+                dir.join(format!("challtestsrv-{dns_port}.log")),
+                Duration::from_secs(20),
+                || port_open(management_port),
+            ) {
+                Ok(process) => {
                     return ChallTestSrv {
                         dns_port,
                         management_port,
@@ -79,13 +76,10 @@ impl ChallTestSrv {
                             .timeout(Duration::from_secs(10))
                             .build()
                             .expect("an HTTP client"),
-                        process: ServiceProcess::new(child, log_path),
+                        process,
                     };
                 }
-                Err(problem) => {
-                    process::kill_and_reap(&mut child);
-                    last_error = format!("{problem}\n{}", process::log_tail(&log_path, 50));
-                }
+                Err(problem) => last_error = problem,
             }
         }
         panic!("pebble-challtestsrv did not start: {last_error}");
@@ -314,25 +308,22 @@ impl Pebble {
             });
             let config_path = dir.join(format!("pebble-{port}.json"));
             std::fs::write(&config_path, config.to_string()).expect("write the Pebble configuration");
-            let log_path = dir.join(format!("pebble-{port}.log"));
-            let (stdout, stderr) = process::log_file_stdio(&log_path);
-            let mut child = Command::new(&binary)
+            let mut command = Command::new(&binary);
+            command
                 .arg("-config")
                 .arg(&config_path)
                 .args(["-dnsserver", &dns.dns_addr()])
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-            process::register_child(&child, StopSignal::Kill);
-            match process::wait_ready("pebble", &mut child, Duration::from_secs(30), || {
-                port_open(port) && port_open(management_port)
-            }) {
-                Ok(()) => {
+                .current_dir(&dir);
+            match process::start_service(
+                "pebble",
+                &mut command,
+                dir.join(format!("pebble-{port}.log")),
+                Duration::from_secs(30),
+                || port_open(port) && port_open(management_port),
+            ) {
+                Ok(process) => {
                     let root =
                         reqwest::Certificate::from_pem(&std::fs::read(&tls_ca_file).expect("read the Pebble TLS CA"))
                             .expect("a PEM certificate");
@@ -346,13 +337,10 @@ impl Pebble {
                         management_port,
                         tls_ca_file,
                         http,
-                        process: ServiceProcess::new(child, log_path),
+                        process,
                     };
                 }
-                Err(problem) => {
-                    process::kill_and_reap(&mut child);
-                    last_error = format!("{problem}\n{}", process::log_tail(&log_path, 50));
-                }
+                Err(problem) => last_error = problem,
             }
         }
         panic!("pebble did not start: {last_error}");

@@ -79,32 +79,23 @@ impl Driver {
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = process::free_port();
-            let log_path = dir.join(format!("chromedriver-{port}.log"));
-            let (stdout, stderr) = process::log_file_stdio(&log_path);
-            let mut child = Command::new(&binary)
+            let mut command = Command::new(&binary);
+            command
                 .arg(format!("--port={port}"))
                 .env("HOME", &home)
                 .env("XDG_CONFIG_HOME", home.join(".config"))
                 .env("XDG_CACHE_HOME", home.join(".cache"))
                 .env("XDG_DATA_HOME", home.join(".local/share"))
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-            process::register_child(&child, StopSignal::Kill);
-            match process::wait_ready("chromedriver", &mut child, DRIVER_START_TIMEOUT, || driver_ready(port)) {
-                Ok(()) => {
-                    return Driver {
-                        port,
-                        process: ServiceProcess::new(child, log_path),
-                    };
-                }
-                Err(problem) => {
-                    process::kill_and_reap(&mut child);
-                    last_error = format!("{problem}\n{}", process::log_tail(&log_path, 50));
-                }
+                .current_dir(&dir);
+            match process::start_service(
+                "chromedriver",
+                &mut command,
+                dir.join(format!("chromedriver-{port}.log")),
+                DRIVER_START_TIMEOUT,
+                || driver_ready(port),
+            ) {
+                Ok(process) => return Driver { port, process },
+                Err(problem) => last_error = problem,
             }
         }
         panic!("chromedriver did not start: {last_error}");

@@ -1,5 +1,6 @@
 //! Child processes of the harness: the per-binary temporary directory, free ports, finding
-//! binaries, and the watchdog that cleans up when the test binary exits.
+//! binaries, starting a service and waiting until it is ready ([`start_service`]), and the
+//! watchdog that cleans up when the test binary exits.
 //!
 //! *Design.* A `Drop` on a static never runs at exit, `prctl(PR_SET_PDEATHSIG)` needs `unsafe`
 //! (forbidden in this workspace), and a test binary can also die from a signal. So the first
@@ -241,6 +242,34 @@ impl ServiceProcess {
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Starts `command` (stdin closed, stdout and stderr into `log_path`), registered for
+/// clean-up, and waits until `ready` holds ([`wait_ready`], `what` naming it): the running
+/// service, or why it is not running, with the tail of its log (the process is then gone).
+/// Callers retry with fresh ports, since a port chosen free may be taken before the bind.
+pub fn start_service(
+    what: &str,
+    command: &mut Command,
+    log_path: PathBuf,
+    timeout: Duration,
+    ready: impl FnMut() -> bool,
+) -> Result<ServiceProcess, String> {
+    let (stdout, stderr) = log_file_stdio(&log_path);
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {}: {err}", command.get_program().to_string_lossy()));
+    register_child(&child, StopSignal::Kill);
+    match wait_ready(what, &mut child, timeout, ready) {
+        Ok(()) => Ok(ServiceProcess::new(child, log_path)),
+        Err(problem) => {
+            kill_and_reap(&mut child);
+            Err(format!("{problem}\n{}", log_tail(&log_path, 50)))
+        }
     }
 }
 

@@ -7,12 +7,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::process::{self, ServiceProcess, StopSignal};
+use crate::process::{self, ServiceProcess};
 
 /// How many logical databases each server has.
 const DATABASES: u32 = 1024;
@@ -41,33 +41,29 @@ impl RedisServer {
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = process::free_port();
-            let log_path = dir.join(format!("redis-{port}.log"));
-            let (stdout, stderr) = process::log_file_stdio(&log_path);
-            let mut child = Command::new(&binary)
+            let mut command = Command::new(&binary);
+            command
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--databases", &DATABASES.to_string()])
                 .arg("--dir")
                 .arg(&dir)
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-            process::register_child(&child, StopSignal::Kill);
-            match process::wait_ready("redis-server", &mut child, Duration::from_secs(30), || ping(port)) {
-                Ok(()) => {
+                .current_dir(&dir);
+            match process::start_service(
+                "redis-server",
+                &mut command,
+                dir.join(format!("redis-{port}.log")),
+                Duration::from_secs(30),
+                || ping(port),
+            ) {
+                Ok(process) => {
                     return RedisServer {
                         port,
                         next_database: AtomicU32::new(0),
-                        process: ServiceProcess::new(child, log_path),
+                        process,
                     };
                 }
-                Err(problem) => {
-                    process::kill_and_reap(&mut child);
-                    last_error = format!("{problem}\n{}", process::log_tail(&log_path, 50));
-                }
+                Err(problem) => last_error = problem,
             }
         }
         panic!("Redis did not start: {last_error}");

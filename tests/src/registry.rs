@@ -13,11 +13,11 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::process::{self, ServiceProcess, StopSignal};
+use crate::process::{self, ServiceProcess};
 
 /// Where Debian installs the registry.
 const DEBIAN_BINARY: &str = "/usr/bin/docker-registry";
@@ -94,40 +94,29 @@ impl Registry {
             let config = dir.join(format!("config-{port}.yml"));
             fs::write(&config, config_yaml(storage, port, htpasswd))
                 .unwrap_or_else(|err| panic!("cannot write {}: {err}", config.display()));
-            let log_path = dir.join(format!("registry-{port}.log"));
-            let (stdout, stderr) = process::log_file_stdio(&log_path);
             let mut command = Command::new(&binary);
-            command
-                .arg("serve")
-                .arg(&config)
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr);
+            command.arg("serve").arg(&config).current_dir(dir);
             // The registry reads overrides from REGISTRY_* variables; the config file is the truth.
             for (key, _) in std::env::vars_os() {
                 if key.to_string_lossy().starts_with("REGISTRY_") {
                     command.env_remove(key);
                 }
             }
-            let mut child = command
-                .spawn()
-                .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
-            process::register_child(&child, StopSignal::Kill);
-            match process::wait_ready("docker-registry", &mut child, Duration::from_secs(30), || {
-                api_answers(port, if htpasswd.is_some() { b"401" } else { b"200" })
-            }) {
-                Ok(()) => {
+            match process::start_service(
+                "docker-registry",
+                &mut command,
+                dir.join(format!("registry-{port}.log")),
+                Duration::from_secs(30),
+                || api_answers(port, if htpasswd.is_some() { b"401" } else { b"200" }),
+            ) {
+                Ok(process) => {
                     return Registry {
                         port,
                         storage: storage.to_path_buf(),
-                        process: ServiceProcess::new(child, log_path),
+                        process,
                     };
                 }
-                Err(problem) => {
-                    process::kill_and_reap(&mut child);
-                    last_error = format!("{problem}\n{}", process::log_tail(&log_path, 50));
-                }
+                Err(problem) => last_error = problem,
             }
         }
         panic!("the registry did not start: {last_error}");
