@@ -44,19 +44,10 @@ use instapod_common::domains::{ServedCertificate, ServedDomain, ServedDomains};
 use instapod_node_agent::domains::challenges::ChallengeStore;
 use instapod_node_agent::domains::tls::{Acceptor, SniResolver, server_config};
 use instapod_node_agent::domains::{IngressDomains, Served};
-use instapod_node_agent::ingress::{Ingress, RouteSource, RoutingTable, Target};
+use instapod_node_agent::ingress::{FixedRoutes, Ingress, RoutingTable, Target};
 
 const HOST: &str = "bench.example.test";
 const CLIENTS: usize = 16;
-
-#[derive(Debug)]
-struct FixedRoutes(Arc<RoutingTable>);
-
-impl RouteSource for FixedRoutes {
-    fn table(&self) -> Arc<RoutingTable> {
-        self.0.clone()
-    }
-}
 
 /// A keep-alive upstream answering every request head with `hello, bench`.
 async fn upstream() -> SocketAddr {
@@ -252,7 +243,7 @@ async fn main() {
         }],
     });
     let ingress = Arc::new(
-        Ingress::new(Arc::new(FixedRoutes(Arc::new(table)))).with_domains(Arc::new(IngressDomains {
+        Ingress::new(Arc::new(FixedRoutes::new(table))).with_domains(Arc::new(IngressDomains {
             served: served.clone(),
             challenges: Arc::new(ChallengeStore::default()),
         })),

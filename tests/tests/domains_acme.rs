@@ -26,7 +26,7 @@ use instapod_node_agent::domains::dns::{self, HickoryLookup};
 use instapod_node_agent::domains::tls::{SniResolver, server_config};
 use instapod_node_agent::domains::{IngressDomains, Served};
 use instapod_node_agent::fleet::FleetError;
-use instapod_node_agent::ingress::{Ingress, RouteSource, RoutingTable, Target};
+use instapod_node_agent::ingress::{FixedRoutes, Ingress, RoutingTable, Target};
 use instapod_tests::acme::{ChallTestSrv, Pebble};
 use instapod_tests::{eventually, ids, process};
 
@@ -59,16 +59,6 @@ impl AccountStore for MemoryAccounts {
             credentials: stored.clone(),
             ..account.clone()
         })
-    }
-}
-
-/// A fixed routing table.
-#[derive(Debug)]
-struct FixedRoutes(Arc<RoutingTable>);
-
-impl RouteSource for FixedRoutes {
-    fn table(&self) -> Arc<RoutingTable> {
-        self.0.clone()
     }
 }
 
@@ -175,7 +165,7 @@ async fn the_agent_parts_verify_dns_order_from_pebble_and_serve_https_by_sni() {
     let served = Arc::new(Served::default());
     let challenges = Arc::new(ChallengeStore::default());
     let ingress = Arc::new(
-        Ingress::new(Arc::new(FixedRoutes(Arc::new(table)))).with_domains(Arc::new(IngressDomains {
+        Ingress::new(Arc::new(FixedRoutes::new(table))).with_domains(Arc::new(IngressDomains {
             served: served.clone(),
             challenges: challenges.clone(),
         })),

@@ -426,15 +426,6 @@ mod tests {
         addr
     }
 
-    #[derive(Debug)]
-    struct OneRoute(Arc<crate::ingress::RoutingTable>);
-
-    impl crate::ingress::RouteSource for OneRoute {
-        fn table(&self) -> Arc<crate::ingress::RoutingTable> {
-            self.0.clone()
-        }
-    }
-
     #[tokio::test]
     async fn the_tls_listener_serves_the_domain_by_sni_and_tells_the_pod_it_was_https() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -450,12 +441,14 @@ mod tests {
         answer.domains[0].pod_id = pod_id;
         served_domains.apply(&answer);
         let challenges = Arc::new(crate::domains::challenges::ChallengeStore::default());
-        let ingress = Arc::new(Ingress::new(Arc::new(OneRoute(Arc::new(table)))).with_domains(Arc::new(
-            crate::domains::IngressDomains {
-                served: served_domains.clone(),
-                challenges,
-            },
-        )));
+        let ingress = Arc::new(
+            Ingress::new(Arc::new(crate::ingress::FixedRoutes::new(table))).with_domains(Arc::new(
+                crate::domains::IngressDomains {
+                    served: served_domains.clone(),
+                    challenges,
+                },
+            )),
+        );
         let config = server_config(Arc::new(SniResolver::new(served_domains.clone(), None))).expect("config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");

@@ -3,7 +3,7 @@
 //!
 //! Code map: [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
 //! [`LocalRoutes`] built from the pod manager's records, [`RemoteRoutes`] from the control
-//! plane and [`FleetRoutes`] merging both) · [`feed`] (the worker that keeps [`RemoteRoutes`]
+//! plane, [`FleetRoutes`] merging both, and [`FixedRoutes`], a given table for tests) · [`feed`] (the worker that keeps [`RemoteRoutes`]
 //! current) · [`proxy`] (connections, forwarding, headers, upgrades, metrics) · [`pages`] (the
 //! 404/502/503 pages).
 //!
@@ -56,7 +56,8 @@ use std::time::Duration;
 
 pub use proxy::{CustomDomains, CustomHost, Ingress, Outcome, Scheme};
 pub use routes::{
-    FleetRoutes, LocalRoutes, RemoteRoutes, RemoteTable, RouteSource, RoutingTable, Target, Unavailable, normalize_host,
+    FixedRoutes, FleetRoutes, LocalRoutes, RemoteRoutes, RemoteTable, RouteSource, RoutingTable, Target, Unavailable,
+    normalize_host,
 };
 
 use crate::pods::Pods;

@@ -553,21 +553,7 @@ fn page_response(page: Page) -> Response<ResponseBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingress::routes::RoutingTable;
-
-    /// A fixed table (and hop token), for tests.
-    #[derive(Debug)]
-    struct StaticRoutes(Arc<RoutingTable>, Option<Arc<str>>);
-
-    impl RouteSource for StaticRoutes {
-        fn table(&self) -> Arc<RoutingTable> {
-            self.0.clone()
-        }
-
-        fn hop_token(&self) -> Option<Arc<str>> {
-            self.1.clone()
-        }
-    }
+    use crate::ingress::routes::{FixedRoutes, RoutingTable};
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -719,7 +705,7 @@ mod tests {
     }
 
     async fn start_ingress_with_token(table: RoutingTable, hop_token: Option<&str>) -> SocketAddr {
-        let routes = StaticRoutes(Arc::new(table), hop_token.map(Arc::from));
+        let routes = FixedRoutes::new(table).with_hop_token(hop_token);
         let ingress = Arc::new(Ingress::new(Arc::new(routes)));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
@@ -787,14 +773,15 @@ mod tests {
         let table = Arc::new(table);
         let domains = Arc::new(domains);
         let ingress = Arc::new(
-            Ingress::new(Arc::new(StaticRoutes(table.clone(), Some(Arc::from("hop"))))).with_domains(domains.clone()),
+            Ingress::new(Arc::new(FixedRoutes::new(table.clone()).with_hop_token(Some("hop"))))
+                .with_domains(domains.clone()),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         tokio::spawn(ingress.serve(listener));
         // The same, with its TLS ingress on another port than 443.
         let on_8443 = Arc::new(
-            Ingress::new(Arc::new(StaticRoutes(table, Some(Arc::from("hop")))))
+            Ingress::new(Arc::new(FixedRoutes::new(table).with_hop_token(Some("hop"))))
                 .with_domains(domains)
                 .with_https_port(8443),
         );

@@ -238,6 +238,38 @@ pub trait RouteSource: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
+/// Routes that do not change: a table given once, and the fleet's hop token if any (tests and
+/// benchmarks of the proxy, which route a known set of hosts).
+#[derive(Debug)]
+pub struct FixedRoutes {
+    table: Arc<RoutingTable>,
+    hop_token: Option<Arc<str>>,
+}
+
+impl FixedRoutes {
+    pub fn new(table: impl Into<Arc<RoutingTable>>) -> FixedRoutes {
+        FixedRoutes {
+            table: table.into(),
+            hop_token: None,
+        }
+    }
+
+    pub fn with_hop_token(mut self, token: Option<&str>) -> FixedRoutes {
+        self.hop_token = token.map(Arc::from);
+        self
+    }
+}
+
+impl RouteSource for FixedRoutes {
+    fn table(&self) -> Arc<RoutingTable> {
+        self.table.clone()
+    }
+
+    fn hop_token(&self) -> Option<Arc<str>> {
+        self.hop_token.clone()
+    }
+}
+
 /// The routes of the pods on this node, derived from the pod manager's records.
 #[derive(Debug)]
 pub struct LocalRoutes {
@@ -681,16 +713,6 @@ mod tests {
         }
     }
 
-    /// A fixed local table, for tests.
-    #[derive(Debug)]
-    struct FixedRoutes(Arc<RoutingTable>);
-
-    impl RouteSource for FixedRoutes {
-        fn table(&self) -> Arc<RoutingTable> {
-            self.0.clone()
-        }
-    }
-
     #[test]
     fn fleet_routes_merge_again_only_when_a_side_changed() {
         let mut local = RoutingTable::default();
@@ -703,7 +725,7 @@ mod tests {
         );
         let local = Arc::new(local);
         let feed = Arc::new(RemoteRoutes::default());
-        let routes = FleetRoutes::new(Arc::new(FixedRoutes(local.clone())), feed.clone());
+        let routes = FleetRoutes::new(Arc::new(FixedRoutes::new(local.clone())), feed.clone());
         assert!(
             Arc::ptr_eq(&routes.table(), &local),
             "nothing remote: the local table as it is"
