@@ -97,7 +97,7 @@ pub async fn run(listen: SocketAddr, ingress: Arc<Ingress>) {
 }
 
 /// Binds `listen` for the listener named `what`, retrying while the address is taken or
-/// refused with a doubling pause (1 s up to [`MAX_BIND_BACKOFF`]). Shared by the plain and the
+/// refused with a doubling pause (1 s up to 30 s, `MAX_BIND_BACKOFF`). Shared by the plain and the
 /// TLS ingress.
 pub async fn bind_with_backoff(listen: SocketAddr, what: &'static str) -> tokio::net::TcpListener {
     let mut backoff = Duration::from_secs(1);
