@@ -170,22 +170,11 @@ impl Fleet {
         Ok(())
     }
 
-    /// Sends with the node token; on 401 joins again once and resends.
+    /// Posts `body` with the node token ([`Fleet::send_as_node`]).
     async fn post_as_node<T: Serialize>(&self, path: &str, body: &T, what: &'static str) -> Result<(), FleetError> {
-        let mut rejoined = false;
-        loop {
-            let credentials = self.credentials();
-            let url = format!("{}/internal/nodes/{}/{path}", self.base, credentials.node_id);
-            match post(&self.http, &url, &credentials.node_token, body, what).await {
-                Ok(_) => return Ok(()),
-                Err(err) if err.is_unauthorized() && !rejoined => {
-                    tracing::warn!(error = %err, "the node token was refused; joining again");
-                    self.rejoin().await?;
-                    rejoined = true;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        self.send_as_node(reqwest::Method::POST, path, Some(body), what)
+            .await
+            .map(drop)
     }
 
     /// The routes of the other nodes' pods: `None` when they are still those of
@@ -218,53 +207,32 @@ impl Fleet {
         known_version: Option<&str>,
         wait: Duration,
     ) -> Result<Option<T>, FleetError> {
-        let mut rejoined = false;
-        loop {
-            let credentials = self.credentials();
-            let url = format!(
-                "{}/internal/nodes/{}/{path}?wait={}",
-                self.base,
-                credentials.node_id,
-                wait.as_secs()
-            );
-            let mut request = self
-                .http
-                .get(&url)
-                .bearer_auth(&credentials.node_token)
-                // The control plane holds the request up to `wait`; leave room for the answer.
-                .timeout(wait + Duration::from_secs(10));
-            if let Some(version) = known_version {
-                request = request.header(reqwest::header::IF_NONE_MATCH, format!("\"{version}\""));
-            }
-            let response = request.send().await.map_err(|err| FleetError::Unreachable {
-                url: url.clone(),
-                reason: crate::error_chain(&err),
-            })?;
-            let status = response.status().as_u16();
-            if status == 304 {
-                return Ok(None);
-            }
-            if response.status().is_success() {
-                let answer = response.json().await.map_err(|err| FleetError::Unreachable {
-                    url: url.clone(),
-                    reason: format!("unreadable {what}: {}", crate::error_chain(&err)),
-                })?;
-                return Ok(Some(answer));
-            }
-            let body = response.text().await.unwrap_or_default();
-            let err = FleetError::Refused { what, status, body };
-            if err.is_unauthorized() && !rejoined {
-                tracing::warn!(error = %err, "the node token was refused; joining again");
-                self.rejoin().await?;
-                rejoined = true;
-                continue;
-            }
-            return Err(err);
+        let response = self
+            .request_as_node(what, |node| {
+                let request = self
+                    .http
+                    .get(format!("{node}/{path}?wait={}", wait.as_secs()))
+                    // The control plane holds the request up to `wait`; leave room for the answer.
+                    .timeout(wait + Duration::from_secs(10));
+                match known_version {
+                    Some(version) => request.header(reqwest::header::IF_NONE_MATCH, format!("\"{version}\"")),
+                    None => request,
+                }
+            })
+            .await?;
+        if response.status() == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(None);
         }
+        let url = response.url().to_string();
+        let answer = response.json().await.map_err(|err| FleetError::Unreachable {
+            url,
+            reason: format!("unreadable {what}: {}", crate::error_chain(&err)),
+        })?;
+        Ok(Some(answer))
     }
 
     /// Sends `method` to `/internal/nodes/{id}/{path}` with the node token (and `body` as
-    /// JSON); on 401 joins again once and resends. A status other than 2xx is
+    /// JSON); on 401 joins again once and resends. A status other than 2xx (or 304) is
     /// [`FleetError::Refused`].
     pub async fn send_as_node<T: Serialize + ?Sized>(
         &self,
@@ -273,27 +241,54 @@ impl Fleet {
         body: Option<&T>,
         what: &'static str,
     ) -> Result<reqwest::Response, FleetError> {
+        self.request_as_node(what, |node| {
+            let request = self.http.request(method.clone(), format!("{node}/{path}"));
+            match body {
+                Some(body) => request.json(body),
+                None => request,
+            }
+        })
+        .await
+    }
+
+    /// Sends the request `build` makes from this node's base URL (`…/internal/nodes/{id}`),
+    /// with the node token; on 401 joins again once and resends. The answer when its status is
+    /// 2xx or 304, else [`FleetError::Refused`] (`what` names the request).
+    async fn request_as_node(
+        &self,
+        what: &'static str,
+        build: impl Fn(String) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, FleetError> {
         let mut rejoined = false;
         loop {
             let credentials = self.credentials();
-            let url = format!("{}/internal/nodes/{}/{path}", self.base, credentials.node_id);
-            let mut request = self
+            let node = format!("{}/internal/nodes/{}", self.base, credentials.node_id);
+            let request = build(node.clone())
+                .bearer_auth(&credentials.node_token)
+                .build()
+                .map_err(|err| FleetError::Unreachable {
+                    url: node.clone(),
+                    reason: crate::error_chain(&err),
+                })?;
+            let url = request.url().to_string();
+            let response = self
                 .http
-                .request(method.clone(), &url)
-                .bearer_auth(&credentials.node_token);
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request.send().await.map_err(|err| FleetError::Unreachable {
-                url: url.clone(),
-                reason: crate::error_chain(&err),
-            })?;
-            if response.status().is_success() {
+                .execute(request)
+                .await
+                .map_err(|err| FleetError::Unreachable {
+                    url,
+                    reason: crate::error_chain(&err),
+                })?;
+            let status = response.status();
+            if status.is_success() || status == reqwest::StatusCode::NOT_MODIFIED {
                 return Ok(response);
             }
-            let status = response.status().as_u16();
             let body = response.text().await.unwrap_or_default();
-            let err = FleetError::Refused { what, status, body };
+            let err = FleetError::Refused {
+                what,
+                status: status.as_u16(),
+                body,
+            };
             if err.is_unauthorized() && !rejoined {
                 tracing::warn!(error = %err, "the node token was refused; joining again");
                 self.rejoin().await?;
@@ -312,32 +307,29 @@ impl Fleet {
         username: &str,
         public_key: &str,
     ) -> Result<Option<SshAuthorization>, FleetError> {
-        const WHAT: &str = "the ssh authorization";
         let body = SshAuthorizeRequest {
             username: username.to_string(),
             public_key: public_key.to_string(),
         };
-        let mut rejoined = false;
-        loop {
-            let credentials = self.credentials();
-            let url = format!("{}/internal/nodes/{}/ssh/authorize", self.base, credentials.node_id);
-            match post(&self.http, &url, &credentials.node_token, &body, WHAT).await {
-                Ok(response) => {
-                    let answer = response.json().await.map_err(|err| FleetError::Unreachable {
-                        url: url.clone(),
-                        reason: format!("unreadable ssh authorization: {}", crate::error_chain(&err)),
-                    })?;
-                    return Ok(Some(answer));
-                }
-                Err(FleetError::Refused { status: 403, .. }) => return Ok(None),
-                Err(err) if err.is_unauthorized() && !rejoined => {
-                    tracing::warn!(error = %err, "the node token was refused; joining again");
-                    self.rejoin().await?;
-                    rejoined = true;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        let response = match self
+            .send_as_node(
+                reqwest::Method::POST,
+                "ssh/authorize",
+                Some(&body),
+                "the ssh authorization",
+            )
+            .await
+        {
+            Ok(response) => response,
+            Err(FleetError::Refused { status: 403, .. }) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let url = response.url().to_string();
+        let answer = response.json().await.map_err(|err| FleetError::Unreachable {
+            url,
+            reason: format!("unreadable ssh authorization: {}", crate::error_chain(&err)),
+        })?;
+        Ok(Some(answer))
     }
 
     pub async fn heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), FleetError> {
