@@ -40,6 +40,16 @@ impl TestUser {
     pub fn client(&self) -> Client {
         Client::new(&self.base_url).with_token(&self.token)
     }
+
+    /// Waits up to `wait` until `GET /api/pods/{name}` shows `state`; its last body.
+    pub async fn wait_pod_state(&self, name: &str, state: &str, wait: std::time::Duration) -> Value {
+        crate::eventually(wait, &format!("pod {name} {state}"), || async {
+            let body = self.client().get(&format!("/api/pods/{name}")).send().await.json();
+            anyhow::ensure!(body["state"] == state, "{body}");
+            Ok(body)
+        })
+        .await
+    }
 }
 
 /// Registers a new user whose email starts with `label`; asserts 201 and returns what the

@@ -258,12 +258,7 @@ async fn create_running_pod(user: &instapod_tests::TestUser, name: &str, image: 
         )
         .await
         .json_with_status(202);
-    eventually(WAIT, &format!("pod {name} running"), || async {
-        let body = user.client().get(&format!("/api/pods/{name}")).send().await.json();
-        ensure!(body["state"] == "running", "{body}");
-        Ok(body)
-    })
-    .await
+    user.wait_pod_state(name, "running", WAIT).await
 }
 
 /// The domain `id` of pod `pod` as the API lists it.

@@ -29,12 +29,7 @@ async fn create(user: &TestUser, body: Value) -> Value {
 }
 
 async fn wait_state(user: &TestUser, name: &str, state: &str) -> Value {
-    eventually(WAIT, &format!("pod {name} {state}"), || async {
-        let body = user.client().get(&format!("/api/pods/{name}")).send().await.json();
-        ensure!(body["state"] == state, "{body}");
-        Ok(body)
-    })
-    .await
+    user.wait_pod_state(name, state, WAIT).await
 }
 
 /// The host name of a pod's first URL.

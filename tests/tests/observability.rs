@@ -320,12 +320,7 @@ async fn a_running_fleet_exports_the_catalogued_metrics_and_only_those() {
         )
         .await
         .json_with_status(202);
-    eventually(WAIT, "the pod runs", || async {
-        let body = user.client().get(&format!("/api/pods/{name}")).send().await.json();
-        ensure!(body["state"] == "running", "{body}");
-        Ok(())
-    })
-    .await;
+    user.wait_pod_state(&name, "running", WAIT).await;
     // A 404 on an unknown path, to see the `unmatched` route.
     let _ = user.client().get("/api/no-such-thing/at-all").send().await;
 

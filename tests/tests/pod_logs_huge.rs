@@ -63,12 +63,7 @@ async fn a_huge_log_is_tailed_and_followed_in_bounded_memory() {
         )
         .await
         .json_with_status(202);
-    eventually(WAIT, "the pod runs", || async {
-        let body = user.client().get(&format!("/api/pods/{name}")).send().await.json();
-        ensure!(body["state"] == "running", "{body}");
-        Ok(())
-    })
-    .await;
+    user.wait_pod_state(&name, "running", WAIT).await;
 
     let agent_pid = fleet.agent_pid(0);
     let cp_pid = fleet.cp.pid().expect("the control plane runs as a process");

@@ -41,12 +41,7 @@ async fn run_pod(user: &TestUser, name: &str, script: &str) -> Value {
         )
         .await
         .json_with_status(202);
-    eventually(WAIT, &format!("pod {name} running"), || async {
-        let body = user.client().get(&format!("/api/pods/{name}")).send().await.json();
-        ensure!(body["state"] == "running", "{body}");
-        Ok(body)
-    })
-    .await
+    user.wait_pod_state(name, "running", WAIT).await
 }
 
 async fn current(user: &TestUser, name: &str) -> Value {

@@ -46,12 +46,7 @@ async fn create_pod(user: &TestUser, name: &str, script: &str) {
 }
 
 async fn wait_state(user: &TestUser, name: &str, state: &str) -> Value {
-    eventually(WAIT, &format!("pod {name} {state}"), || async {
-        let body = user.client().get(&format!("/api/pods/{name}")).send().await.json();
-        ensure!(body["state"] == state, "{body}");
-        Ok(body)
-    })
-    .await
+    user.wait_pod_state(name, state, WAIT).await
 }
 
 async fn add_key(user: &TestUser, pod: &str, line: &str) -> instapod_tests::Response {

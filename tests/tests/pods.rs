@@ -103,13 +103,7 @@ async fn pod(user: &TestUser, name: &str) -> Value {
 }
 
 async fn wait_state(user: &TestUser, name: &str, state: &str) -> Value {
-    eventually(WAIT, &format!("pod {name} {state}"), || async {
-        let body = user.client().get(&format!("/api/pods/{name}")).send().await;
-        let body = body.json();
-        ensure!(body["state"] == state, "{body}");
-        Ok(body)
-    })
-    .await
+    user.wait_pod_state(name, state, WAIT).await
 }
 
 async fn events(user: &TestUser, name: &str) -> Vec<Value> {
