@@ -1,7 +1,7 @@
 //! The node's HTTP ingress: a reverse proxy on `ingress_listen` (`0.0.0.0:80` in production)
 //! that sends each request to the pod whose host names include the request's `Host`.
 //!
-//! Code map: [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
+//! Code map: [`body`] (a pod's answer body, its first frame read ahead when small) · [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
 //! [`LocalRoutes`] built from the pod manager's records, [`RemoteRoutes`] from the control
 //! plane, [`FleetRoutes`] merging both, and [`FixedRoutes`], a given table for tests) · [`feed`] (the worker that keeps [`RemoteRoutes`]
 //! current) · [`proxy`] (connections, forwarding, headers, upgrades, metrics) · [`pages`] (the
@@ -45,6 +45,7 @@
 //! themselves), also for requests that arrived over TLS; HTTP/1.1 only. A client may send the hop header with any other value:
 //! that only stops its own request from being forwarded between nodes.
 
+pub mod body;
 pub mod feed;
 pub mod pages;
 pub mod proxy;

@@ -34,11 +34,13 @@ use tokio::net::TcpListener;
 
 use instapod_common::domains::ACME_CHALLENGE_PREFIX;
 
+use super::body::UpstreamBody;
 use super::pages::{self, Page};
 use super::routes::{RouteSource, Target, normalize_host};
 
-/// The body of an ingress response: the pod's, streamed, or one of the ingress's pages.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+/// The body of an ingress response: the pod's, streamed (its first frame read ahead when
+/// small, see [`UpstreamBody`]), or one of the ingress's pages.
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// Marks a request forwarded by another node's ingress (its value is the fleet's hop token);
 /// a request carrying it, whatever the value, is never forwarded to a node again (no loops
@@ -372,6 +374,9 @@ impl Ingress {
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, None);
+        let body = UpstreamBody::read_ahead(&parts.headers, body)
+            .await
+            .map_err(|err| ForwardError::Upstream(crate::error_chain(&err)))?;
         Ok((Outcome::Proxied, Response::from_parts(parts, Either::Left(body))))
     }
 }
@@ -1066,5 +1071,93 @@ mod tests {
             .expect("the tunnel closes")
             .expect("read to the end");
         assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    /// An upstream that answers the first request of each connection with `head`, then, after
+    /// `pause`, with `body`, and closes.
+    async fn paused_body_upstream(head: &'static str, body: &'static str, pause: Duration) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    tokio::time::sleep(pause).await;
+                    let _ = stream.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends a GET for `host` to the ingress on a raw connection: what the first read returned,
+    /// and everything up to the close.
+    async fn first_read_and_all(ingress: SocketAddr, host: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(ingress).await.expect("connect");
+        let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut first = vec![0u8; 4096];
+        let n = stream.read(&mut first).await.expect("read");
+        first.truncate(n);
+        let mut all = first.clone();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut all))
+            .await
+            .expect("the answer ends")
+            .expect("read to the end");
+        (
+            String::from_utf8_lossy(&first).into_owned(),
+            String::from_utf8_lossy(&all).into_owned(),
+        )
+    }
+
+    /// A small answer's head and body reach the client in one write, even when the pod sent
+    /// them apart; a body that does not come within `READ_AHEAD_WAIT`, or one without a length,
+    /// does not hold the head back.
+    #[tokio::test]
+    async fn a_small_answer_leaves_in_one_write_and_nothing_waits_long() {
+        use crate::ingress::body::READ_AHEAD_WAIT;
+        let sized = "HTTP/1.1 200 OK\r\ncontent-length: 12\r\nconnection: close\r\n\r\n";
+        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+        let cases = [
+            // (head, body, pause, whether the first read holds the body)
+            (sized, "hello, bench", Duration::from_millis(30), true),
+            (sized, "hello, bench", READ_AHEAD_WAIT * 4, false),
+            (
+                chunked,
+                "c\r\nhello, bench\r\n0\r\n\r\n",
+                Duration::from_millis(200),
+                false,
+            ),
+        ];
+        for (head, body, pause, together) in cases {
+            let upstream = paused_body_upstream(head, body, pause).await;
+            let mut table = RoutingTable::default();
+            table.insert(
+                "web-a.apps.test",
+                Target::Pod {
+                    pod_id: uuid::Uuid::new_v4(),
+                    addr: upstream,
+                },
+            );
+            let ingress = start_ingress(table).await;
+            let (first, all) = first_read_and_all(ingress, "web-a.apps.test").await;
+            assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first:?}");
+            assert_eq!(
+                first.contains("hello, bench"),
+                together,
+                "pause {pause:?}: first read {first:?}"
+            );
+            assert!(all.contains("hello, bench"), "{all:?}");
+        }
     }
 }
