@@ -15,8 +15,11 @@
 //! The ingress runs on a tokio runtime of its own (two workers, named `ingress`), as it does in
 //! the agent's process; the clients on the main one.
 //!
-//! Series, each `BENCH_N` GET requests from 16 concurrent clients, run in turn for
-//! `BENCH_ROUNDS` rounds; each round's figures are printed, then each series' median:
+//! Series, each `BENCH_N` GET requests from `BENCH_CLIENTS` (16) concurrent clients, run in
+//! turn for `BENCH_ROUNDS` rounds; each round's figures are printed, then each series' median
+//! of requests per second and of CPU time per request (the whole machine's, from `/proc/stat`,
+//! and the ingress threads' own, from `/proc/self/task`; both move much less between rounds
+//! than the rates):
 //! - **direct**: HTTP keep-alive straight to the upstream;
 //! - **ingress http**: HTTP keep-alive through the ingress;
 //! - **ingress https (kept)**: HTTPS keep-alive through the TLS ingress (one handshake per
@@ -47,7 +50,14 @@ use instapod_node_agent::domains::{IngressDomains, Served};
 use instapod_node_agent::ingress::{FixedRoutes, Ingress, RoutingTable, Target};
 
 const HOST: &str = "bench.example.test";
-const CLIENTS: usize = 16;
+/// Concurrent clients per series: `BENCH_CLIENTS`, default 16.
+fn clients() -> usize {
+    std::env::var("BENCH_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+        .max(1)
+}
 
 /// A keep-alive upstream answering every request head with `hello, bench`.
 async fn upstream() -> SocketAddr {
@@ -81,10 +91,11 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
-/// `n` GETs from `CLIENTS` concurrent tasks, each with its own client: requests per second.
+/// `n` GETs from `BENCH_CLIENTS` concurrent tasks, each with its own client: requests per second.
 async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> f64 {
     let started = Instant::now();
-    let per_client = n / clients.len();
+    let clients_n = clients.len();
+    let per_client = n / clients_n;
     let mut tasks = Vec::new();
     for client in clients {
         let url = url.clone();
@@ -100,7 +111,29 @@ async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> f64
     for task in tasks {
         task.await.expect("a client task");
     }
-    (per_client * CLIENTS) as f64 / started.elapsed().as_secs_f64()
+    (per_client * clients_n) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// One series' figures: requests per second, and CPU microseconds per request of the whole
+/// machine and of the ingress's threads.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    rate: f64,
+    machine_us: f64,
+    ingress_us: f64,
+}
+
+/// [`throughput`], with the CPU time the machine and the ingress's threads spent meanwhile.
+async fn measure(clients: Vec<reqwest::Client>, url: String, n: usize) -> Measured {
+    use instapod_tests::cpu::{machine_busy_seconds, own_threads_seconds};
+    let (machine, ingress) = (machine_busy_seconds(), own_threads_seconds("ingress"));
+    let requests = (n / clients.len() * clients.len()) as f64;
+    let rate = throughput(clients, url, n).await;
+    Measured {
+        rate,
+        machine_us: (machine_busy_seconds() - machine) * 1e6 / requests,
+        ingress_us: (own_threads_seconds("ingress") - ingress) * 1e6 / requests,
+    }
 }
 
 /// Sequential GETs from one client: sorted latencies.
@@ -298,75 +331,108 @@ async fn main() {
     // Warm-up: connections, TLS session caches, the allocator.
     let warm = n / 10;
     throughput(
-        (0..CLIENTS).map(|_| plain_client(pod, "x")).collect(),
+        (0..clients()).map(|_| plain_client(pod, "x")).collect(),
         direct_url.clone(),
         warm,
     )
     .await;
     throughput(
-        (0..CLIENTS)
+        (0..clients())
             .map(|_| plain_client(plain_addr, "web-a.apps.test"))
             .collect(),
         plain_url.clone(),
         warm,
     )
     .await;
-    throughput((0..CLIENTS).map(|_| tls_client(true)).collect(), tls_url.clone(), warm).await;
+    throughput(
+        (0..clients()).map(|_| tls_client(true)).collect(),
+        tls_url.clone(),
+        warm,
+    )
+    .await;
 
     // Rounds of the four series in turn; the medians are reported (one round's figures move
-    // by ±15% on this 2-core machine).
-    let mut series: [Vec<f64>; 4] = Default::default();
+    // by ±15% on this 2-core machine). Each series also reports CPU time per request: the
+    // machine's (everything: clients, ingress, upstream, kernel) and the ingress threads' own,
+    // which move much less from round to round than the rates.
+    const NAMES: [&str; 4] = ["direct", "http", "https kept", "https resumed"];
+    let mut series: [Vec<Measured>; 4] = Default::default();
     for round in 1..=rounds {
-        let direct = throughput(
-            (0..CLIENTS).map(|_| plain_client(pod, "x")).collect(),
+        let direct = measure(
+            (0..clients()).map(|_| plain_client(pod, "x")).collect(),
             direct_url.clone(),
             n,
         )
         .await;
-        let via_http = throughput(
-            (0..CLIENTS)
+        let via_http = measure(
+            (0..clients())
                 .map(|_| plain_client(plain_addr, "web-a.apps.test"))
                 .collect(),
             plain_url.clone(),
             n,
         )
         .await;
-        let via_https = throughput((0..CLIENTS).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
-        let resumed_clients: Vec<reqwest::Client> = (0..CLIENTS).map(|_| tls_client(false)).collect();
+        let via_https = measure((0..clients()).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
+        let resumed_clients: Vec<reqwest::Client> = (0..clients()).map(|_| tls_client(false)).collect();
         // One request per client first, so that every later connection resumes a session.
-        throughput(resumed_clients.clone(), tls_url.clone(), CLIENTS).await;
-        let via_https_resumed = throughput(resumed_clients, tls_url.clone(), n / 4).await;
-        println!(
-            "round {round}: direct {direct:.0}, http {via_http:.0} ({:.2}), https kept {via_https:.0} ({:.2}), https resumed {via_https_resumed:.0} ({:.2})",
-            via_http / direct,
-            via_https / direct,
-            via_https_resumed / direct
-        );
-        for (all, value) in series.iter_mut().zip([direct, via_http, via_https, via_https_resumed]) {
+        throughput(resumed_clients.clone(), tls_url.clone(), clients()).await;
+        let via_https_resumed = measure(resumed_clients, tls_url.clone(), n / 4).await;
+        let all = [direct, via_http, via_https, via_https_resumed];
+        let line: Vec<String> = NAMES
+            .iter()
+            .zip(&all)
+            .map(|(name, m)| {
+                format!(
+                    "{name} {:.0} ({:.2}; {:.0}/{:.0} µs)",
+                    m.rate,
+                    m.rate / direct.rate,
+                    m.machine_us,
+                    m.ingress_us
+                )
+            })
+            .collect();
+        println!("round {round}: {}", line.join(", "));
+        for (all, value) in series.iter_mut().zip(all) {
             all.push(value);
         }
     }
-    let [direct, via_http, via_https, via_https_resumed] = series.map(|mut all| {
-        all.sort_by(f64::total_cmp);
-        all[all.len() / 2]
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let medians = series.clone().map(|all| Measured {
+        rate: median(&mut all.iter().map(|m| m.rate).collect()),
+        machine_us: median(&mut all.iter().map(|m| m.machine_us).collect()),
+        ingress_us: median(&mut all.iter().map(|m| m.ingress_us).collect()),
     });
+    // Each round's ratio pairs series measured a minute apart; their median is steadier than
+    // the ratio of the medians when the machine drifts between rounds.
+    let round_ratios: Vec<f64> = series
+        .iter()
+        .map(|all| median(&mut all.iter().zip(&series[0]).map(|(m, d)| m.rate / d.rate).collect()))
+        .collect();
 
     println!(
-        "requests/s, median of {rounds} rounds, {CLIENTS} concurrent clients, {n} requests per series (resumed: {}):",
+        "medians of {rounds} rounds, {} concurrent clients, {n} requests per series (resumed: {}):",
+        clients(),
         n / 4
     );
-    println!("  direct                           {direct:>10.0}");
+    println!("  series                             requests/s  round ratio  machine CPU µs/req  ingress CPU µs/req");
+    let labels = [
+        "direct",
+        "ingress http (keep-alive)",
+        "ingress https (keep-alive)",
+        "ingress https (new conn, resumed)",
+    ];
+    for ((label, m), ratio) in labels.iter().zip(&medians).zip(&round_ratios) {
+        println!(
+            "  {label:<34} {:>10.0}  {:>11.2}  {:>18.0}  {:>18.0}",
+            m.rate, ratio, m.machine_us, m.ingress_us
+        );
+    }
     println!(
-        "  ingress http (keep-alive)        {via_http:>10.0}  ratio {:.2}",
-        via_http / direct
-    );
-    println!(
-        "  ingress https (keep-alive)       {via_https:>10.0}  ratio {:.2}",
-        via_https / direct
-    );
-    println!(
-        "  ingress https (new conn, resumed) {via_https_resumed:>9.0}  ratio {:.2}",
-        via_https_resumed / direct
+        "  CPU per request, direct / resumed: {:.2} (the ratio the rates would have on a machine kept busy)",
+        medians[0].machine_us / medians[3].machine_us
     );
 
     let one_direct = plain_client(pod, "x");

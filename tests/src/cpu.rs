@@ -17,14 +17,38 @@ pub fn ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    busy: u64,
-    by_pid: HashMap<u32, (String, u64, u64)>,
+/// CPU seconds used so far by this process's threads named `name` (user and system).
+pub fn own_threads_seconds(name: &str) -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        let fields: Vec<u64> = stat[close + 1..]
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        if fields.len() > 11 {
+            ticks += fields[10] + fields[11];
+        }
+    }
+    ticks as f64 / ticks_per_second()
 }
 
-pub fn snapshot() -> Snapshot {
-    let busy = std::fs::read_to_string("/proc/stat")
+/// Busy CPU seconds of the whole machine so far (`/proc/stat`, all but idle and iowait).
+pub fn machine_busy_seconds() -> f64 {
+    snapshot_busy() as f64 / ticks_per_second()
+}
+
+fn snapshot_busy() -> u64 {
+    std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|text| {
             let line = text.lines().next()?.to_string();
@@ -39,7 +63,17 @@ pub fn snapshot() -> Snapshot {
                     .sum(),
             )
         })
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    busy: u64,
+    by_pid: HashMap<u32, (String, u64, u64)>,
+}
+
+pub fn snapshot() -> Snapshot {
+    let busy = snapshot_busy();
     let mut by_pid = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
