@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_LENGTH, HeaderMap};
@@ -54,14 +55,22 @@ impl UpstreamBody {
         if !small || body.is_end_stream() {
             return Ok(UpstreamBody::streamed(body));
         }
-        // Cancelling `frame()` on timeout consumes nothing: the frame streams later.
-        match tokio::time::timeout(READ_AHEAD_WAIT, body.frame()).await {
-            Ok(Some(Ok(frame))) => Ok(UpstreamBody {
+        let first = {
+            let mut next = std::pin::pin!(body.frame());
+            // Usually the frame is already in: no timer is set then. Cancelling `frame()` on
+            // timeout consumes nothing: the frame streams later.
+            match next.as_mut().now_or_never() {
+                Some(first) => first,
+                None => tokio::time::timeout(READ_AHEAD_WAIT, next).await.ok().flatten(),
+            }
+        };
+        match first {
+            Some(Ok(frame)) => Ok(UpstreamBody {
                 first: Some(frame),
                 rest: body,
             }),
-            Ok(Some(Err(err))) => Err(err),
-            Ok(None) | Err(_) => Ok(UpstreamBody::streamed(body)),
+            Some(Err(err)) => Err(err),
+            None => Ok(UpstreamBody::streamed(body)),
         }
     }
 }

@@ -10,7 +10,9 @@
 //! *Behaviour.* A host is normalised (lowercase, port and trailing dot dropped) and looked up:
 //! a running pod on this node with an address and an `http_port` gets the request at
 //! `http://<pod ip>:<http_port>` with the original path, query and `Host`, streamed both ways,
-//! with `X-Forwarded-For` (peer appended), `X-Forwarded-Proto` and `X-Forwarded-Host`;
+//! with `X-Forwarded-For` (peer appended), `X-Forwarded-Proto` and `X-Forwarded-Host` (an
+//! answer with a `Content-Length` up to 64 KiB waits, at most 100 ms, for its first body frame
+//! so that head and body reach the client in one write: [`body`]);
 //! `Connection: upgrade` requests (WebSocket) become a byte tunnel when the pod answers 101. A
 //! pod of this node that is not running answers 503 with its state (and `Retry-After` when it
 //! is starting or restarting), an unknown host 404, a pod that refuses the connection 502.
