@@ -17,6 +17,18 @@ pub fn ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// A `/proc/<pid>/stat` line: the command name, and the numeric fields after the state (the
+/// 14th field of the line, `utime`, is `fields[10]`).
+fn parse_stat(stat: &str) -> Option<(&str, Vec<u64>)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields = stat[close + 1..]
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    Some((&stat[open + 1..close], fields))
+}
+
 /// CPU seconds used so far by this process's threads named `name` (user and system).
 pub fn own_threads_seconds(name: &str) -> f64 {
     let mut ticks = 0u64;
@@ -24,18 +36,10 @@ pub fn own_threads_seconds(name: &str) -> f64 {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        let Some((comm, fields)) = parse_stat(&stat) else {
             continue;
         };
-        if &stat[open + 1..close] != name {
-            continue;
-        }
-        let fields: Vec<u64> = stat[close + 1..]
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        if fields.len() > 11 {
+        if comm == name && fields.len() > 11 {
             ticks += fields[10] + fields[11];
         }
     }
@@ -82,17 +86,14 @@ pub fn snapshot() -> Snapshot {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        let Some((comm, fields)) = parse_stat(&stat) else {
             continue;
         };
-        let comm = stat[open + 1..close].to_string();
-        let fields: Vec<u64> = stat[close + 1..]
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
         if fields.len() > 13 {
-            by_pid.insert(pid, (comm, fields[10] + fields[11], fields[12] + fields[13]));
+            by_pid.insert(
+                pid,
+                (comm.to_string(), fields[10] + fields[11], fields[12] + fields[13]),
+            );
         }
     }
     Snapshot { busy, by_pid }
