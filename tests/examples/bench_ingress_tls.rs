@@ -25,7 +25,9 @@
 //! - **ingress https (kept)**: HTTPS keep-alive through the TLS ingress (one handshake per
 //!   client connection);
 //! - **ingress https (resumed)**: a new TLS connection per request, resuming the session
-//!   (rustls's client session cache and the ingress's tickets).
+//!   (rustls's client session cache and the ingress's tickets);
+//! - **ingress http (new conn)**: a new TCP connection per request through the plain ingress:
+//!   the resumed series without TLS, the bound of anything done to the TLS side.
 //!
 //! Then latency: 2000 sequential requests from one client, direct and through the ingress
 //! (plain HTTP, keep-alive): p50 and p99, and the added p50.
@@ -312,6 +314,16 @@ async fn main() {
             .build()
             .expect("client")
     };
+    // A new connection per request through the plain ingress: what the resumed series costs
+    // without TLS (the upper bound of anything done to the TLS side).
+    let plain_client_per_request = || {
+        instapod_tests::http_builder()
+            .no_proxy()
+            .resolve("web-a.apps.test", plain_addr)
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client")
+    };
     let root = reqwest::Certificate::from_pem(chain_pem.as_bytes()).expect("PEM");
     let tls_client = |keep_alive: bool| {
         let mut builder = instapod_tests::http_builder()
@@ -355,8 +367,8 @@ async fn main() {
     // by ±15% on this 2-core machine). Each series also reports CPU time per request: the
     // machine's (everything: clients, ingress, upstream, kernel) and the ingress threads' own,
     // which move much less from round to round than the rates.
-    const NAMES: [&str; 4] = ["direct", "http", "https kept", "https resumed"];
-    let mut series: [Vec<Measured>; 4] = Default::default();
+    const NAMES: [&str; 5] = ["direct", "http", "https kept", "https resumed", "http new conn"];
+    let mut series: [Vec<Measured>; 5] = Default::default();
     for round in 1..=rounds {
         let direct = measure(
             (0..clients()).map(|_| plain_client(pod, "x")).collect(),
@@ -377,7 +389,13 @@ async fn main() {
         // One request per client first, so that every later connection resumes a session.
         throughput(resumed_clients.clone(), tls_url.clone(), clients()).await;
         let via_https_resumed = measure(resumed_clients, tls_url.clone(), n / 4).await;
-        let all = [direct, via_http, via_https, via_https_resumed];
+        let via_http_per_request = measure(
+            (0..clients()).map(|_| plain_client_per_request()).collect(),
+            plain_url.clone(),
+            n / 4,
+        )
+        .await;
+        let all = [direct, via_http, via_https, via_https_resumed, via_http_per_request];
         let line: Vec<String> = NAMES
             .iter()
             .zip(&all)
@@ -413,7 +431,7 @@ async fn main() {
         .collect();
 
     println!(
-        "medians of {rounds} rounds, {} concurrent clients, {n} requests per series (resumed: {}):",
+        "medians of {rounds} rounds, {} concurrent clients, {n} requests per series (new conn: {}):",
         clients(),
         n / 4
     );
@@ -423,6 +441,7 @@ async fn main() {
         "ingress http (keep-alive)",
         "ingress https (keep-alive)",
         "ingress https (new conn, resumed)",
+        "ingress http (new conn)",
     ];
     for ((label, m), ratio) in labels.iter().zip(&medians).zip(&round_ratios) {
         println!(
