@@ -80,9 +80,11 @@ async fn a_pod_answers_on_its_host_name_with_forwarding_headers_and_large_bodies
     std::fs::write(volume.join("hello.txt"), "served through the ingress").expect("write into the volume");
     let http = client_for(&host, ingress);
 
-    // Host names are matched without case, port or trailing dot.
+    // Host names are matched without case, port or trailing dot. A pod is running once its
+    // process started, which can be a moment before it listens: 502 until then.
     let (status, body) = eventually(WAIT, "the pod through the ingress", || async {
         let response = http.get(url(&host, ingress, "/hello.txt")).send().await?;
+        anyhow::ensure!(response.status() != 502, "the pod does not listen yet");
         Ok((response.status().as_u16(), response.text().await?))
     })
     .await;

@@ -45,7 +45,9 @@ impl UpstreamBody {
 
     /// Reads the first frame of `body` ahead when `headers` give it a length of 1 to
     /// [`READ_AHEAD_MAX`] bytes, waiting at most [`READ_AHEAD_WAIT`]. An error reading that
-    /// frame is the upstream's (nothing has been sent to the client yet).
+    /// frame is the upstream's, and nothing has been sent to the client yet: the ingress
+    /// answers 502 (without the read-ahead the client could get the head and then a cut
+    /// connection, or nothing at all).
     pub async fn read_ahead(headers: &HeaderMap, mut body: Incoming) -> Result<UpstreamBody, hyper::Error> {
         let small = headers
             .get(CONTENT_LENGTH)
