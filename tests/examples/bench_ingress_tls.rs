@@ -93,11 +93,16 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
-/// `n` GETs from `BENCH_CLIENTS` concurrent tasks, each with its own client: requests per second.
+/// The requests [`throughput`] sends for `n` over `clients` clients: the same number each.
+fn requests_sent(n: usize, clients: usize) -> usize {
+    n / clients * clients
+}
+
+/// `n` GETs from concurrent tasks, one per client: requests per second.
 async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> f64 {
     let started = Instant::now();
-    let clients_n = clients.len();
-    let per_client = n / clients_n;
+    let sent = requests_sent(n, clients.len());
+    let per_client = n / clients.len();
     let mut tasks = Vec::new();
     for client in clients {
         let url = url.clone();
@@ -113,7 +118,7 @@ async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> f64
     for task in tasks {
         task.await.expect("a client task");
     }
-    (per_client * clients_n) as f64 / started.elapsed().as_secs_f64()
+    sent as f64 / started.elapsed().as_secs_f64()
 }
 
 /// One series' figures: requests per second, and CPU microseconds per request of the whole
@@ -129,7 +134,7 @@ struct Measured {
 async fn measure(clients: Vec<reqwest::Client>, url: String, n: usize) -> Measured {
     use instapod_tests::cpu::{machine_busy_seconds, own_threads_seconds};
     let (machine, ingress) = (machine_busy_seconds(), own_threads_seconds("ingress"));
-    let requests = (n / clients.len() * clients.len()) as f64;
+    let requests = requests_sent(n, clients.len()) as f64;
     let rate = throughput(clients, url, n).await;
     Measured {
         rate,
@@ -243,6 +248,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let concurrency = clients();
     let real_pod = std::env::var("BENCH_UPSTREAM").is_ok_and(|v| v == "pod");
     let _reuse = real_pod.then(TimeWaitReuse::enable);
     let (node, pod, pod_id) = if real_pod {
@@ -306,21 +312,12 @@ async fn main() {
 
     // Redirects are off: plain HTTP to a domain with a certificate answers 308, so the plain
     // series uses the pod's platform name, routed the same way.
-    let plain_client = |resolve: SocketAddr, host: &str| {
+    // Without keep-alive, a new connection per request.
+    let plain_client = |resolve: SocketAddr, host: &str, keep_alive: bool| {
         instapod_tests::http_builder()
             .no_proxy()
             .resolve(host, resolve)
-            .pool_max_idle_per_host(4)
-            .build()
-            .expect("client")
-    };
-    // A new connection per request through the plain ingress: what the resumed series costs
-    // without TLS (the upper bound of anything done to the TLS side).
-    let plain_client_per_request = || {
-        instapod_tests::http_builder()
-            .no_proxy()
-            .resolve("web-a.apps.test", plain_addr)
-            .pool_max_idle_per_host(0)
+            .pool_max_idle_per_host(if keep_alive { 4 } else { 0 })
             .build()
             .expect("client")
     };
@@ -343,21 +340,21 @@ async fn main() {
     // Warm-up: connections, TLS session caches, the allocator.
     let warm = n / 10;
     throughput(
-        (0..clients()).map(|_| plain_client(pod, "x")).collect(),
+        (0..concurrency).map(|_| plain_client(pod, "x", true)).collect(),
         direct_url.clone(),
         warm,
     )
     .await;
     throughput(
-        (0..clients())
-            .map(|_| plain_client(plain_addr, "web-a.apps.test"))
+        (0..concurrency)
+            .map(|_| plain_client(plain_addr, "web-a.apps.test", true))
             .collect(),
         plain_url.clone(),
         warm,
     )
     .await;
     throughput(
-        (0..clients()).map(|_| tls_client(true)).collect(),
+        (0..concurrency).map(|_| tls_client(true)).collect(),
         tls_url.clone(),
         warm,
     )
@@ -371,26 +368,30 @@ async fn main() {
     let mut series: [Vec<Measured>; 5] = Default::default();
     for round in 1..=rounds {
         let direct = measure(
-            (0..clients()).map(|_| plain_client(pod, "x")).collect(),
+            (0..concurrency).map(|_| plain_client(pod, "x", true)).collect(),
             direct_url.clone(),
             n,
         )
         .await;
         let via_http = measure(
-            (0..clients())
-                .map(|_| plain_client(plain_addr, "web-a.apps.test"))
+            (0..concurrency)
+                .map(|_| plain_client(plain_addr, "web-a.apps.test", true))
                 .collect(),
             plain_url.clone(),
             n,
         )
         .await;
-        let via_https = measure((0..clients()).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
-        let resumed_clients: Vec<reqwest::Client> = (0..clients()).map(|_| tls_client(false)).collect();
+        let via_https = measure((0..concurrency).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
+        let resumed_clients: Vec<reqwest::Client> = (0..concurrency).map(|_| tls_client(false)).collect();
         // One request per client first, so that every later connection resumes a session.
-        throughput(resumed_clients.clone(), tls_url.clone(), clients()).await;
+        throughput(resumed_clients.clone(), tls_url.clone(), concurrency).await;
         let via_https_resumed = measure(resumed_clients, tls_url.clone(), n / 4).await;
+        // A new connection per request through the plain ingress: what the resumed series
+        // costs without TLS (the bound of anything done to the TLS side).
         let via_http_per_request = measure(
-            (0..clients()).map(|_| plain_client_per_request()).collect(),
+            (0..concurrency)
+                .map(|_| plain_client(plain_addr, "web-a.apps.test", false))
+                .collect(),
             plain_url.clone(),
             n / 4,
         )
@@ -432,7 +433,7 @@ async fn main() {
 
     println!(
         "medians of {rounds} rounds, {} concurrent clients, {n} requests per series (new conn: {}):",
-        clients(),
+        concurrency,
         n / 4
     );
     println!("  series                             requests/s  round ratio  machine CPU µs/req  ingress CPU µs/req");
@@ -454,8 +455,8 @@ async fn main() {
         medians[0].machine_us / medians[3].machine_us
     );
 
-    let one_direct = plain_client(pod, "x");
-    let one_ingress = plain_client(plain_addr, "web-a.apps.test");
+    let one_direct = plain_client(pod, "x", true);
+    let one_ingress = plain_client(plain_addr, "web-a.apps.test", true);
     latencies(&one_direct, &direct_url, 200).await;
     latencies(&one_ingress, &plain_url, 200).await;
     let direct_lat = latencies(&one_direct, &direct_url, 2000).await;
