@@ -1,7 +1,8 @@
 //! The node's HTTP ingress: a reverse proxy on `ingress_listen` (`0.0.0.0:80` in production)
 //! that sends each request to the pod whose host names include the request's `Host`.
 //!
-//! Code map: [`body`] (a pod's answer body, its first frame read ahead when small) · [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
+//! Code map: [`body`] (a pod's answer body, its first frame read ahead when small) ·
+//! [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
 //! [`LocalRoutes`] built from the pod manager's records, [`RemoteRoutes`] from the control
 //! plane, [`FleetRoutes`] merging both, and [`FixedRoutes`], a given table for tests) · [`feed`] (the worker that keeps [`RemoteRoutes`]
 //! current) · [`proxy`] (connections, forwarding, headers, upgrades, metrics) · [`pages`] (the
