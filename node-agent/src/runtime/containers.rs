@@ -30,6 +30,11 @@ use super::{Runtime, RuntimeError, SNAPSHOTTER};
 
 /// The runtime shim pods run under.
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// How long [`Runtime::create_task`] waits for an earlier create of the same task to end.
+const BUNDLE_IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How often it looks meanwhile.
+const BUNDLE_IN_USE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 const RESOURCES_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
 
@@ -192,9 +197,34 @@ impl Runtime {
 
     /// Creates the task of container `id` on `rootfs`, its stdout and stderr sent to `log_uri`
     /// (see [`crate::log_driver::log_uri`]).
-    pub async fn create_task(&self, id: &str, rootfs: Vec<Mount>, log_uri: &str) -> Result<u32, RuntimeError> {
+    ///
+    /// An earlier create of the same task may still be running in containerd (the agent was
+    /// killed during it and has restarted): its bundle directory exists, and a new create fails
+    /// with "mkdir <bundle>: file exists" without there being a task yet. That create either
+    /// finishes (the task appears, and is the one this call wanted) or fails and removes its
+    /// bundle; so for up to [`BUNDLE_IN_USE_WAIT`] this waits for either, then gives up with
+    /// containerd's error.
+    pub async fn create_task(&self, id: &str, rootfs: Vec<Mount>, log_uri: &str) -> Result<(), RuntimeError> {
+        let deadline = tokio::time::Instant::now() + BUNDLE_IN_USE_WAIT;
+        loop {
+            match self.create_task_once(id, rootfs.clone(), log_uri).await {
+                Err(RuntimeError::Rpc { message, .. })
+                    if message.contains("file exists") && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(container = id, error = %message, "an earlier create of this task is still in containerd; waiting for it");
+                    tokio::time::sleep(BUNDLE_IN_USE_POLL).await;
+                    if self.task_state(id).await?.is_some() {
+                        return Ok(());
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn create_task_once(&self, id: &str, rootfs: Vec<Mount>, log_uri: &str) -> Result<(), RuntimeError> {
         let uri = log_uri.to_string();
-        let response = TasksClient::new(self.channel())
+        TasksClient::new(self.channel())
             .create(self.request(CreateTaskRequest {
                 container_id: id.to_string(),
                 rootfs,
@@ -208,7 +238,7 @@ impl Runtime {
             }))
             .await
             .map_err(|status| RuntimeError::from_status("Tasks.Create", &status))?;
-        Ok(response.into_inner().pid)
+        Ok(())
     }
 
     /// Starts a created task.
