@@ -29,6 +29,10 @@
 //! - **ingress http (new conn)**: a new TCP connection per request through the plain ingress:
 //!   the resumed series without TLS, the bound of anything done to the TLS side.
 //!
+//! The two new-connection series send `Connection: close`, as clients that open a connection
+//! per request do (Go's `DisableKeepAlives`, `hey -disable-keepalive`, `ab`): the server then
+//! ends each connection with its answer.
+//!
 //! Then latency: 2000 sequential requests from one client, direct and through the ingress
 //! (plain HTTP, keep-alive): p50 and p99, and the added p50.
 //!
@@ -47,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use instapod_common::domains::{ServedCertificate, ServedDomain, ServedDomains};
 use instapod_node_agent::domains::challenges::ChallengeStore;
-use instapod_node_agent::domains::tls::{Acceptor, SniResolver, server_config};
+use instapod_node_agent::domains::tls::{SniResolver, server_config};
 use instapod_node_agent::domains::{IngressDomains, Served};
 use instapod_node_agent::ingress::{FixedRoutes, Ingress, RoutingTable, Target};
 
@@ -304,22 +308,27 @@ async fn main() {
     let tls = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let tls_addr = tls.local_addr().expect("address");
     let config = server_config(Arc::new(SniResolver::new(served, None))).expect("TLS config");
-    ingress_runtime.spawn(instapod_node_agent::domains::tls::serve(
-        tls,
-        ingress,
-        Acceptor::from(config),
-    ));
+    ingress_runtime.spawn(instapod_node_agent::domains::tls::serve(tls, ingress, config));
 
     // Redirects are off: plain HTTP to a domain with a certificate answers 308, so the plain
     // series uses the pod's platform name, routed the same way.
     // Without keep-alive, a new connection per request.
+    // A client that opens a connection per request says so (`Connection: close`, as Go's
+    // clients, `ab` and `hey -disable-keepalive` do), so the server ends the connection.
+    let closing = || {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONNECTION,
+            reqwest::header::HeaderValue::from_static("close"),
+        );
+        headers
+    };
     let plain_client = |resolve: SocketAddr, host: &str, keep_alive: bool| {
-        instapod_tests::http_builder()
-            .no_proxy()
-            .resolve(host, resolve)
-            .pool_max_idle_per_host(if keep_alive { 4 } else { 0 })
-            .build()
-            .expect("client")
+        let mut builder = instapod_tests::http_builder().no_proxy().resolve(host, resolve);
+        if !keep_alive {
+            builder = builder.pool_max_idle_per_host(0).default_headers(closing());
+        }
+        builder.build().expect("client")
     };
     let root = reqwest::Certificate::from_pem(chain_pem.as_bytes()).expect("PEM");
     let tls_client = |keep_alive: bool| {
@@ -329,7 +338,7 @@ async fn main() {
             .add_root_certificate(root.clone())
             .resolve(HOST, tls_addr);
         if !keep_alive {
-            builder = builder.pool_max_idle_per_host(0);
+            builder = builder.pool_max_idle_per_host(0).default_headers(closing());
         }
         builder.build().expect("client")
     };

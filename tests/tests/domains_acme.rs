@@ -176,11 +176,7 @@ async fn the_agent_parts_verify_dns_order_from_pebble_and_serve_https_by_sni() {
     let tls = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let tls_addr = tls.local_addr().expect("address");
     let config = server_config(Arc::new(SniResolver::new(served.clone(), None))).expect("TLS config");
-    tokio::spawn(instapod_node_agent::domains::tls::serve(
-        tls,
-        ingress,
-        tokio_rustls_acceptor(config),
-    ));
+    tokio::spawn(instapod_node_agent::domains::tls::serve(tls, ingress, config));
 
     // Pebble validates HTTP-01 on the ingress's port, resolving through the challtestsrv
     // (127.0.0.1 for every name).
@@ -243,10 +239,6 @@ async fn the_agent_parts_verify_dns_order_from_pebble_and_serve_https_by_sni() {
         response.headers().get("location").and_then(|v| v.to_str().ok()),
         Some(format!("https://{host}/cart?x=1").as_str())
     );
-}
-
-fn tokio_rustls_acceptor(config: Arc<rustls::ServerConfig>) -> instapod_node_agent::domains::tls::Acceptor {
-    instapod_node_agent::domains::tls::Acceptor::from(config)
 }
 
 /// A pod through the API, running on the fleet's node.

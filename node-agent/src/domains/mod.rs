@@ -23,6 +23,7 @@ pub mod dns;
 pub mod feed;
 pub mod jobs;
 pub mod tls;
+pub mod tls_stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

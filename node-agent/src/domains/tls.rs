@@ -25,10 +25,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-pub use tokio_rustls::TlsAcceptor as Acceptor;
-use tokio_rustls::TlsAcceptor;
 
 use super::Served;
+use super::tls_stream;
+use crate::ingress::last_answer::LastAnswer;
 use crate::ingress::{Ingress, Scheme, normalize_host};
 
 /// A client has this long to complete its handshake.
@@ -175,22 +175,22 @@ fn suite_rank(suite: rustls::CipherSuite) -> u8 {
 /// The `ingress_tls` worker: binds `listen` (retrying with backoff, like the plain listener)
 /// and serves TLS connections until the process ends.
 pub async fn run(listen: SocketAddr, ingress: Arc<Ingress>, config: Arc<ServerConfig>) {
-    let acceptor = TlsAcceptor::from(config);
     loop {
         let listener = crate::ingress::bind_with_backoff(listen, "TLS ingress").await;
-        serve(listener, ingress.clone(), acceptor.clone()).await;
+        serve(listener, ingress.clone(), config.clone()).await;
     }
 }
 
 /// Accepts connections on `listener`; each handshake and connection runs on its own task.
-pub async fn serve(listener: tokio::net::TcpListener, ingress: Arc<Ingress>, acceptor: TlsAcceptor) {
+pub async fn serve(listener: tokio::net::TcpListener, ingress: Arc<Ingress>, config: Arc<ServerConfig>) {
     loop {
         let (stream, peer) = crate::ingress::accept(&listener, "TLS ingress").await;
-        let acceptor = acceptor.clone();
+        let config = config.clone();
         let ingress = ingress.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => ingress.serve_connection(tls, peer, Scheme::Https).await,
+            let last = Arc::new(LastAnswer::default());
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_stream::accept(config, stream, last.clone())).await {
+                Ok(Ok(tls)) => ingress.serve_connection(tls, peer, Scheme::Https, Some(last)).await,
                 Ok(Err(err)) => {
                     metrics::counter!(HANDSHAKE_FAILURES, "reason" => "handshake").increment(1);
                     tracing::debug!(%peer, error = %err, "TLS handshake failed");
@@ -282,14 +282,14 @@ fn der_time(tag: u8, contents: &[u8]) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use instapod_common::domains::{ServedCertificate, ServedDomain, ServedDomains};
     use uuid::Uuid;
 
     use super::*;
 
     /// A self-signed certificate for `names` made with the openssl CLI: (chain PEM, key PEM).
-    fn self_signed(names: &[&str]) -> (String, String) {
+    pub(crate) fn self_signed(names: &[&str]) -> (String, String) {
         let dir = std::env::temp_dir().join(format!("instapod-tls-test-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let san = names.iter().map(|n| format!("DNS:{n}")).collect::<Vec<_>>().join(",");
@@ -326,7 +326,7 @@ mod tests {
         pair
     }
 
-    fn served(hosts: &[(&str, Option<&(String, String)>)]) -> ServedDomains {
+    pub(crate) fn served(hosts: &[(&str, Option<&(String, String)>)]) -> ServedDomains {
         ServedDomains {
             version: "v1".into(),
             domains: hosts
@@ -426,13 +426,13 @@ mod tests {
         addr
     }
 
-    #[tokio::test]
-    async fn the_tls_listener_serves_the_domain_by_sni_and_tells_the_pod_it_was_https() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The TLS listener, serving `shop.example.com` for a pod at `pod` (its platform name
+    /// `web-a.apps.test`): the listener's address, a client trusting the domain's self-signed
+    /// certificate, and the served domains.
+    async fn tls_ingress(pod: SocketAddr) -> (SocketAddr, Arc<rustls::ClientConfig>, Arc<Served>) {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let shop = self_signed(&["shop.example.com"]);
         let pod_id = Uuid::new_v4();
-        let pod = echo_upstream().await;
         let mut table = crate::ingress::RoutingTable::default();
         table.insert("web-a.apps.test", crate::ingress::Target::Pod { pod_id, addr: pod });
         table.note_pod_host(pod_id, "web-a.apps.test");
@@ -452,7 +452,7 @@ mod tests {
         let config = server_config(Arc::new(SniResolver::new(served_domains.clone(), None))).expect("config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        tokio::spawn(serve(listener, ingress, TlsAcceptor::from(config)));
+        tokio::spawn(serve(listener, ingress, config));
 
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(shop.0.as_bytes()) {
@@ -463,6 +463,13 @@ mod tests {
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
         );
+        (addr, client, served_domains)
+    }
+
+    #[tokio::test]
+    async fn the_tls_listener_serves_the_domain_by_sni_and_tells_the_pod_it_was_https() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, client, served_domains) = tls_ingress(echo_upstream().await).await;
         let connector = tokio_rustls::TlsConnector::from(client);
         let connect = async |name: &str| {
             let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -505,6 +512,99 @@ mod tests {
         // Once the domain is removed, neither.
         served_domains.apply(&served(&[]));
         assert!(connect("shop.example.com").await.is_err());
+    }
+
+    /// An upstream whose answer depends on the path: `/split` (a length, the body in two
+    /// writes 30 ms apart), `/late` (the body 150 ms after the head, past the read-ahead's
+    /// wait), `/chunked` (two chunks 30 ms apart), `/big` (300,000 bytes); it closes after it.
+    async fn shaped_upstream() -> SocketAddr {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut reader = BufReader::new(stream);
+                    let mut first = String::new();
+                    let _ = reader.read_line(&mut first).await;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let path = first.split(' ').nth(1).unwrap_or("/").to_string();
+                    let pause = || tokio::time::sleep(Duration::from_millis(30));
+                    let stream = reader.get_mut();
+                    let head = |extra: &str| format!("HTTP/1.1 200 OK\r\nconnection: close\r\n{extra}\r\n");
+                    let parts: Vec<(Vec<u8>, bool)> = match path.as_str() {
+                        "/split" => vec![
+                            (format!("{}01234", head("content-length: 10\r\n")).into_bytes(), true),
+                            (b"56789".to_vec(), false),
+                        ],
+                        "/late" => vec![
+                            (head("content-length: 4\r\n").into_bytes(), true),
+                            (b"late".to_vec(), false),
+                        ],
+                        "/chunked" => vec![
+                            (
+                                format!("{}3\r\none\r\n", head("transfer-encoding: chunked\r\n")).into_bytes(),
+                                true,
+                            ),
+                            (b"3\r\ntwo\r\n0\r\n\r\n".to_vec(), false),
+                        ],
+                        _ => {
+                            let mut all = head("content-length: 300000\r\n").into_bytes();
+                            all.extend((0..300_000u32).map(|i| b'a' + (i % 26) as u8));
+                            vec![(all, false)]
+                        }
+                    };
+                    for (bytes, then_pause) in parts {
+                        let _ = stream.write_all(&bytes).await;
+                        if then_pause {
+                            if path == "/late" {
+                                tokio::time::sleep(Duration::from_millis(150)).await;
+                            } else {
+                                pause().await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A request with `Connection: close` has the connection end with its answer's last
+    /// bytes (see `ingress::last_answer`): whatever the shape of the pod's answer, the client
+    /// gets all of it and then a clean TLS end.
+    #[tokio::test]
+    async fn a_closing_request_gets_its_whole_answer_over_tls_however_the_pod_sends_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, client, _served) = tls_ingress(shaped_upstream().await).await;
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let big: String = (0..300_000u32).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let cases = [
+            ("/split", "0123456789".to_string()),
+            ("/late", "late".to_string()),
+            ("/chunked", "3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n".to_string()),
+            ("/big", big),
+        ];
+        for (path, body) in cases {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = ServerName::try_from("shop.example.com").expect("a name");
+            let mut tls = connector.connect(name, tcp).await.expect("handshake");
+            let request = format!("GET {path} HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n");
+            tls.write_all(request.as_bytes()).await.expect("write");
+            let mut response = String::new();
+            tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut response))
+                .await
+                .expect("the connection ends")
+                .expect("a clean TLS end");
+            assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+            let (_, got) = response.split_once("\r\n\r\n").expect("a head");
+            assert!(got == body, "{path}: {} bytes, expected {}", got.len(), body.len());
+        }
     }
 
     #[test]

@@ -50,6 +50,7 @@
 
 pub mod body;
 pub mod feed;
+pub mod last_answer;
 pub mod pages;
 pub mod proxy;
 pub mod routes;

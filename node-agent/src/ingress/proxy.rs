@@ -35,6 +35,7 @@ use tokio::net::TcpListener;
 use instapod_common::domains::ACME_CHALLENGE_PREFIX;
 
 use super::body::UpstreamBody;
+use super::last_answer::{self, LastAnswer, MarksEnd};
 use super::pages::{self, Page};
 use super::routes::{RouteSource, Target, normalize_host};
 
@@ -195,19 +196,30 @@ impl Ingress {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
             let (stream, peer) = super::accept(&listener, "ingress").await;
-            tokio::spawn(self.clone().serve_connection(stream, peer, Scheme::Http));
+            tokio::spawn(self.clone().serve_connection(stream, peer, Scheme::Http, None));
         }
     }
 
-    /// Serves one client connection (plain TCP now; a TLS stream once certificates exist).
-    pub async fn serve_connection<IO>(self: Arc<Self>, io: IO, peer: SocketAddr, scheme: Scheme)
-    where
+    /// Serves one client connection (plain TCP, or a TLS stream). `last`, when the stream
+    /// wants it, is marked once the answer to a request that closes the connection has been
+    /// handed to hyper in full (see [`LastAnswer`]).
+    pub async fn serve_connection<IO>(
+        self: Arc<Self>,
+        io: IO,
+        peer: SocketAddr,
+        scheme: Scheme,
+        last: Option<Arc<LastAnswer>>,
+    ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let ingress = self.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let ingress = ingress.clone();
-            async move { Ok::<_, Infallible>(ingress.handle(request, peer, scheme).await) }
+            let last = last.clone().filter(|_| last_answer::closes(&request));
+            async move {
+                let response = ingress.handle(request, peer, scheme).await;
+                Ok::<_, Infallible>(response.map(|body| MarksEnd::new(body, last)))
+            }
         });
         let served = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
