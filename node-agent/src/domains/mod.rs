@@ -6,7 +6,9 @@
 //! instant-acme) · [`acme_http`] (instant-acme's requests on reqwest, keeping the CA's
 //! `Retry-After`) · [`challenges`] (the HTTP-01 tokens of this node's orders in flight, answered
 //! by the ingress) · [`feed`] (the `domain_feed` worker following the served domains, like the
-//! ingress route feed) · [`tls`] (certificates chosen by SNI, the TLS listener) · [`jobs`] (the
+//! ingress route feed) · [`tls`] (certificates chosen by SNI, the TLS listener) · [`tls_stream`]
+//! (one TLS connection's server side: rustls over the socket, sending as few segments as the
+//! protocol allows) · [`jobs`] (the
 //! consumer of `domains:<node_id>`) · this module: [`Served`], the served domains as the
 //! ingress and the TLS resolver read them.
 //!

@@ -9,7 +9,9 @@
 //! fails: this node has no certificate for that name). Certificates change without a restart:
 //! the feed replaces [`Served`] and the next handshake sees it. Session resumption uses
 //! stateless tickets (one per handshake); the server picks the cipher suite (AES-128-GCM first,
-//! see [`server_config`]).
+//! see [`server_config`]). Each connection is a [`tls_stream::ServerStream`] (rustls over the
+//! socket, the ticket sent with the first answer, a closing connection's last answer sent with
+//! its `close_notify` and FIN).
 //!
 //! *Limitations.* HTTP/1.1 only (ALPN `http/1.1`). No OCSP stapling. A handshake without SNI
 //! gets no certificate.

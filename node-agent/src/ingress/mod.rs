@@ -2,6 +2,7 @@
 //! that sends each request to the pod whose host names include the request's `Host`.
 //!
 //! Code map: [`body`] (a pod's answer body, its first frame read ahead when small) ·
+//! [`last_answer`] (the mark that a closing connection's last answer is in hyper's hands) ·
 //! [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
 //! [`LocalRoutes`] built from the pod manager's records, [`RemoteRoutes`] from the control
 //! plane, [`FleetRoutes`] merging both, and [`FixedRoutes`], a given table for tests) · [`feed`] (the worker that keeps [`RemoteRoutes`]
