@@ -16,7 +16,8 @@
 //! [`ServerStream::poll_shutdown`] does the same for an ordinary end.
 //!
 //! *Invariants.* A flush returns only when everything queued before it is in the socket (a
-//! streamed answer is never held back). Nothing is written after `close_notify`. A TLS error
+//! streamed answer is never held back). A client that does not read holds the writer back with
+//! at most two buffers' worth (rustls's 64 KiB and what it left unsent) in memory. Nothing is written after `close_notify`. A TLS error
 //! from the client gets rustls's alert (best effort) and ends the stream with `InvalidData`.
 //! A client closing its TCP connection without `close_notify` reads as the end of the stream
 //! (the HTTP framing tells a cut answer from a whole one).
@@ -159,7 +160,9 @@ impl ServerStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Makes room in rustls's buffer by sending what it holds.
+    /// Hands plaintext to rustls, first sending what an earlier full buffer left unsent and,
+    /// when rustls's buffer is full, what it holds: a client that reads slowly holds the
+    /// writer back, at most rustls's buffer (64 KiB) plus one buffer's worth in `out`.
     fn poll_write_with(
         &mut self,
         cx: &mut Context<'_>,
@@ -170,6 +173,9 @@ impl ServerStream {
                 io::ErrorKind::BrokenPipe,
                 "the TLS stream is closed",
             )));
+        }
+        if self.sent < self.out.len() {
+            ready!(self.poll_send(cx, false))?;
         }
         loop {
             let n = write(&mut self.tls.writer())?;
@@ -293,9 +299,9 @@ mod tests {
     const NAME: &str = "shop.example.com";
     const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
 
-    /// A TLS listener serving [`NAME`] with the ingress's configuration, and a client trusting
-    /// it (one session cache for all its connections).
-    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+    /// A TLS listener serving [`NAME`] with the ingress's configuration, a client trusting it
+    /// (one session cache for all its connections), and the roots it trusts.
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>, rustls::RootCertStore) {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let cert = self_signed(&[NAME]);
         let domains = Arc::new(Served::default());
@@ -306,9 +312,9 @@ mod tests {
             roots.add(der.expect("PEM")).expect("a root");
         }
         let client = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
+            .with_root_certificates(roots.clone())
             .with_no_client_auth();
-        (server, Arc::new(client))
+        (server, Arc::new(client), roots)
     }
 
     async fn connect(
@@ -349,7 +355,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_ticket_waits_for_the_answer_and_the_last_answer_ends_the_connection_with_its_flush() {
-        let (server, client) = configs();
+        let (server, client, _) = configs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (steps_tx, mut steps) = tokio::sync::mpsc::unbounded_channel();
@@ -435,7 +441,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unmarked_flush_keeps_the_connection_and_shutdown_ends_it_cleanly() {
-        let (server, client) = configs();
+        let (server, client, _) = configs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let serving = serve_keep_alive(listener, server, 1, 3);
@@ -458,7 +464,7 @@ mod tests {
     /// the server's delayed ACK (40 ms or more on Linux) before its first request.
     #[tokio::test]
     async fn a_client_with_nagle_on_is_not_held_back_by_the_deferred_ticket() {
-        let (server, client) = configs();
+        let (server, client, _) = configs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         const CONNECTIONS: usize = 5;
@@ -478,5 +484,85 @@ mod tests {
         waits.sort();
         let median = waits[CONNECTIONS / 2];
         assert!(median < Duration::from_millis(20), "request to answer: {waits:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_slowly_holds_the_writer_back() {
+        const TOTAL: usize = 16 << 20;
+        const CHUNK: usize = 16 << 10;
+        let (server, client, _) = configs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let serving = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut stream = accept(server, tcp, Arc::default()).await.expect("handshake");
+            let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+            let mut most_unsent = 0;
+            for _ in 0..TOTAL / CHUNK {
+                stream.write_all(&chunk).await.expect("write");
+                most_unsent = most_unsent.max(stream.out.len() - stream.sent);
+            }
+            stream.shutdown().await.expect("shutdown");
+            most_unsent
+        });
+        let mut tls = connect(&client, addr, true).await;
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        let slow_until = Instant::now() + Duration::from_millis(300);
+        loop {
+            // A slow reader first (4 KiB a millisecond), then a fast one.
+            let want = if Instant::now() < slow_until {
+                4 << 10
+            } else {
+                buf.len()
+            };
+            let n = tls.read(&mut buf[..want]).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            for (offset, byte) in buf[..n].iter().enumerate() {
+                assert_eq!(*byte, ((received + offset) % CHUNK % 251) as u8);
+            }
+            received += n;
+            if Instant::now() < slow_until {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(received, TOTAL);
+        let most_unsent = serving.await.expect("server task");
+        // A write is taken only once what earlier ones left unsent is in the socket: the stream
+        // holds at most rustls's buffer (64 KiB of records) on top of the socket's.
+        assert_eq!(
+            most_unsent, 0,
+            "bytes of earlier writes still waited when a write was taken"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tls_1_2_client_gets_its_answers_and_resumes() {
+        let (server, _, roots) = configs();
+        let tls12 = Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let serving = serve_keep_alive(listener, server, 2, 2);
+        for expected in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+            let mut tls = connect(&tls12, addr, true).await;
+            assert_eq!(tls.get_ref().1.protocol_version(), Some(ProtocolVersion::TLSv1_2));
+            assert_eq!(tls.get_ref().1.handshake_kind(), Some(expected));
+            for _ in 0..2 {
+                tls.write_all(REQUEST).await.expect("request");
+                let mut answer = vec![0u8; ANSWER.len()];
+                tls.read_exact(&mut answer).await.expect("an answer");
+                assert_eq!(answer, ANSWER);
+            }
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest).await.expect("a clean end");
+            assert!(rest.is_empty());
+        }
+        serving.await.expect("server task");
     }
 }
