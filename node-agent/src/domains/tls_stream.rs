@@ -23,7 +23,7 @@
 //! (the HTTP framing tells a cut answer from a whole one).
 
 use std::future::poll_fn;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -33,6 +33,10 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::ingress::last_answer::LastAnswer;
+
+/// What the stream's outgoing buffer starts with, and keeps between flushes: room for a
+/// handshake flight or a small answer without growing it.
+const OUT_CAPACITY: usize = 4 << 10;
 
 /// One TLS connection from a client, handshake done.
 #[derive(Debug)]
@@ -61,7 +65,7 @@ pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream, last: Arc<LastAns
     let mut stream = ServerStream {
         tcp,
         tls,
-        out: Vec::new(),
+        out: Vec::with_capacity(OUT_CAPACITY),
         sent: 0,
         last,
         closing: false,
@@ -140,6 +144,10 @@ impl ServerStream {
             self.ack_owed = false;
         }
         self.out.clear();
+        if self.out.capacity() > 4 * OUT_CAPACITY {
+            // A large answer grew it: an idle keep-alive connection does not keep that.
+            self.out = Vec::with_capacity(OUT_CAPACITY);
+        }
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -198,9 +206,13 @@ impl AsyncRead for ServerStream {
             return Poll::Ready(Ok(()));
         }
         loop {
-            match this.tls.reader().read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
+            let mut reader = this.tls.reader();
+            // Copied from rustls's buffer into the caller's, which need not be initialised.
+            match reader.fill_buf() {
+                Ok(chunk) => {
+                    let n = chunk.len().min(buf.remaining());
+                    buf.put_slice(&chunk[..n]);
+                    reader.consume(n);
                     return Poll::Ready(Ok(()));
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
