@@ -397,13 +397,19 @@ pub(crate) mod tests {
         assert!(resolver.for_name("shop.example.com").is_none());
     }
 
-    /// An upstream that answers every request with its request head.
-    async fn echo_upstream() -> SocketAddr {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    /// An upstream on 127.0.0.1 that reads each connection's request head (its lines, the
+    /// blank one excluded) and leaves the answer to `answer`, with the connection.
+    async fn head_upstream<F, Fut>(answer: F) -> SocketAddr
+    where
+        F: Fn(String, tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        use tokio::io::{AsyncBufReadExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
                 tokio::spawn(async move {
                     let mut reader = BufReader::new(stream);
                     let mut head = String::new();
@@ -417,15 +423,24 @@ pub(crate) mod tests {
                         }
                         head.push_str(&line);
                     }
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
-                        head.len()
-                    );
-                    let _ = reader.get_mut().write_all(answer.as_bytes()).await;
+                    answer(head, reader.into_inner()).await;
                 });
             }
         });
         addr
+    }
+
+    /// An upstream that answers every request with its request head.
+    async fn echo_upstream() -> SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        head_upstream(|head, mut stream| async move {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
+                head.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        })
+        .await
     }
 
     /// The TLS listener, serving `shop.example.com` for a pod at `pod` (its platform name
@@ -520,61 +535,42 @@ pub(crate) mod tests {
     /// writes 30 ms apart), `/late` (the body 150 ms after the head, past the read-ahead's
     /// wait), `/chunked` (two chunks 30 ms apart), `/big` (300,000 bytes); it closes after it.
     async fn shaped_upstream() -> SocketAddr {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut reader = BufReader::new(stream);
-                    let mut first = String::new();
-                    let _ = reader.read_line(&mut first).await;
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let path = first.split(' ').nth(1).unwrap_or("/").to_string();
-                    let pause = || tokio::time::sleep(Duration::from_millis(30));
-                    let stream = reader.get_mut();
-                    let head = |extra: &str| format!("HTTP/1.1 200 OK\r\nconnection: close\r\n{extra}\r\n");
-                    let parts: Vec<(Vec<u8>, bool)> = match path.as_str() {
-                        "/split" => vec![
-                            (format!("{}01234", head("content-length: 10\r\n")).into_bytes(), true),
-                            (b"56789".to_vec(), false),
-                        ],
-                        "/late" => vec![
-                            (head("content-length: 4\r\n").into_bytes(), true),
-                            (b"late".to_vec(), false),
-                        ],
-                        "/chunked" => vec![
-                            (
-                                format!("{}3\r\none\r\n", head("transfer-encoding: chunked\r\n")).into_bytes(),
-                                true,
-                            ),
-                            (b"3\r\ntwo\r\n0\r\n\r\n".to_vec(), false),
-                        ],
-                        _ => {
-                            let mut all = head("content-length: 300000\r\n").into_bytes();
-                            all.extend((0..300_000u32).map(|i| b'a' + (i % 26) as u8));
-                            vec![(all, false)]
-                        }
-                    };
-                    for (bytes, then_pause) in parts {
-                        let _ = stream.write_all(&bytes).await;
-                        if then_pause {
-                            if path == "/late" {
-                                tokio::time::sleep(Duration::from_millis(150)).await;
-                            } else {
-                                pause().await;
-                            }
-                        }
-                    }
-                });
+        use tokio::io::AsyncWriteExt;
+        head_upstream(|head, mut stream| async move {
+            let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+            let answer_head = |extra: &str| format!("HTTP/1.1 200 OK\r\nconnection: close\r\n{extra}\r\n");
+            // Each part, then how long to wait before the next.
+            let parts: Vec<(Vec<u8>, u64)> = match path.as_str() {
+                "/split" => vec![
+                    (
+                        format!("{}01234", answer_head("content-length: 10\r\n")).into_bytes(),
+                        30,
+                    ),
+                    (b"56789".to_vec(), 0),
+                ],
+                "/late" => vec![
+                    (answer_head("content-length: 4\r\n").into_bytes(), 150),
+                    (b"late".to_vec(), 0),
+                ],
+                "/chunked" => vec![
+                    (
+                        format!("{}3\r\none\r\n", answer_head("transfer-encoding: chunked\r\n")).into_bytes(),
+                        30,
+                    ),
+                    (b"3\r\ntwo\r\n0\r\n\r\n".to_vec(), 0),
+                ],
+                _ => {
+                    let mut all = answer_head("content-length: 300000\r\n").into_bytes();
+                    all.extend((0..300_000u32).map(|i| b'a' + (i % 26) as u8));
+                    vec![(all, 0)]
+                }
+            };
+            for (bytes, pause_ms) in parts {
+                let _ = stream.write_all(&bytes).await;
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
             }
-        });
-        addr
+        })
+        .await
     }
 
     /// A request with `Connection: close` has the connection end with its answer's last
