@@ -248,22 +248,24 @@ impl Browser {
         }
     }
 
-    /// Waits until an element matching the CSS selector exists and returns it.
+    /// Waits until an element matching the CSS selector exists and returns it. Any error is
+    /// retried until [`PAGE_TIMEOUT`]: not only "no such element" but also chromedriver's
+    /// "aborted by navigation", which a lookup gets when the page navigates under it.
     pub async fn wait_for(&self, css: &str) -> Element {
-        match self
-            .client
-            .wait()
-            .at_most(PAGE_TIMEOUT)
-            .every(Duration::from_millis(50))
-            .for_element(Locator::Css(css))
-            .await
-        {
-            Ok(element) => element,
-            Err(err) => panic!(
-                "no element `{css}` after {PAGE_TIMEOUT:?} ({err}); at {}, page text:\n{}",
-                self.url().await,
-                self.page_text().await
-            ),
+        let deadline = Instant::now() + PAGE_TIMEOUT;
+        loop {
+            let err = match self.client.find(Locator::Css(css)).await {
+                Ok(element) => return element,
+                Err(err) => err,
+            };
+            if Instant::now() > deadline {
+                panic!(
+                    "no element `{css}` after {PAGE_TIMEOUT:?} ({err}); at {}, page text:\n{}",
+                    self.url().await,
+                    self.page_text().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -287,11 +289,15 @@ impl Browser {
 
     /// The text of the first element matching the CSS selector (waiting for it to exist).
     pub async fn text_of(&self, css: &str) -> String {
-        self.wait_for(css)
-            .await
-            .text()
-            .await
-            .unwrap_or_else(|err| panic!("cannot read the text of `{css}`: {err}"))
+        let deadline = Instant::now() + PAGE_TIMEOUT;
+        loop {
+            // The element found can go stale if the page navigates before its text is read.
+            match self.wait_for(css).await.text().await {
+                Ok(text) => return text,
+                Err(err) if Instant::now() > deadline => panic!("cannot read the text of `{css}`: {err}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// The current `value` property of an input.
