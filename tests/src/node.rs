@@ -5,9 +5,11 @@
 //!
 //! *Invariants.* Each node's bridge and /24 subnet are random (`ipt<6 hex>`, `10.2xx.x.0/24`)
 //! and removed when the node is dropped, with its namespace's leftovers; network traffic only
-//! goes to these bridges and to loopback.
+//! goes to these bridges and to loopback. A subnet is never one the host already routes (a
+//! bridge left by a killed run keeps its route, and a second bridge on the same subnet would
+//! lose its pods' traffic to the first) nor one this process handed out already.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -40,6 +42,38 @@ pub struct NodeSettings {
     pub ssh_port: u16,
 }
 
+/// A `10.<200-249>.<x>` prefix for a node's /24 that no route of the host covers and that this
+/// process has not handed out before.
+fn free_subnet_prefix() -> String {
+    static HANDED_OUT: std::sync::Mutex<Vec<[u8; 2]>> = std::sync::Mutex::new(Vec::new());
+    let routed = routed_destinations();
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let bytes = Uuid::new_v4().into_bytes();
+        let pair = [200 + bytes[0] % 50, bytes[1]];
+        if !routed.contains(&[10, pair[0], pair[1], 0]) && !handed_out.contains(&pair) {
+            handed_out.push(pair);
+            return format!("10.{}.{}", pair[0], pair[1]);
+        }
+    }
+}
+
+/// The destinations of the host's IPv4 routes, from `/proc/net/route` (each a hexadecimal
+/// number whose bytes are the address in network order, read as little-endian).
+fn routed_destinations() -> HashSet<[u8; 4]> {
+    route_destinations(&std::fs::read_to_string("/proc/net/route").unwrap_or_default())
+}
+
+fn route_destinations(table: &str) -> HashSet<[u8; 4]> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter_map(|hex| u32::from_str_radix(hex, 16).ok())
+        .map(u32::to_le_bytes)
+        .collect()
+}
+
 impl NodeSettings {
     pub fn new(label: &str) -> NodeSettings {
         let suffix = ids::random_suffix();
@@ -48,7 +82,7 @@ impl NodeSettings {
             state_dir: process::temp_dir(&format!("agent-{label}")),
             namespace: format!("agent-{suffix}"),
             bridge: format!("ipt{}", &hex::encode(&bytes[..3])),
-            subnet_prefix: format!("10.{}.{}", 200 + bytes[3] % 50, bytes[4]),
+            subnet_prefix: free_subnet_prefix(),
             metrics_port: process::free_port(),
             ingress_port: process::free_port(),
             ingress_tls_port: process::free_port(),
@@ -386,4 +420,32 @@ pub async fn agent_metrics(metrics_port: u16) -> anyhow::Result<String> {
         .error_for_status()?
         .text()
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_destinations_are_read_in_network_order() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                     eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\n\
+                     iptd5b1d8\t008DCC0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n";
+        let routed = route_destinations(table);
+        assert!(routed.contains(&[10, 204, 141, 0]), "{routed:?}");
+        assert!(routed.contains(&[0, 0, 0, 0]));
+        assert_eq!(routed.len(), 2);
+        // The prefixes handed out never repeat and never hit a routed /24.
+        let prefixes: Vec<String> = (0..50).map(|_| free_subnet_prefix()).collect();
+        let unique: HashSet<&String> = prefixes.iter().collect();
+        assert_eq!(unique.len(), prefixes.len());
+        let host = routed_destinations();
+        for prefix in &prefixes {
+            let octets: Vec<u8> = prefix.split('.').map(|o| o.parse().expect("an octet")).collect();
+            assert!(
+                !host.contains(&[octets[0], octets[1], octets[2], 0]),
+                "{prefix} is routed"
+            );
+        }
+    }
 }
