@@ -148,10 +148,21 @@ pub fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, and that this process has not handed
+/// out before: the kernel may give a released port to the next `bind(0)`, and two nodes of the
+/// tests running in parallel in one binary would then be told the same port (one's SSH
+/// gateway answered by the other's HTTP metrics listener).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 never fails");
-    listener.local_addr().expect("a bound listener has an address").port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 never fails");
+        let port = listener.local_addr().expect("a bound listener has an address").port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// The first executable called `name` in `PATH`.
@@ -293,5 +304,15 @@ pub fn wait_ready(
             return Err(format!("{what} not ready after {timeout:?}"));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ports: Vec<u16> = (0..300).map(|_| super::free_port()).collect();
+        let unique: std::collections::HashSet<&u16> = ports.iter().collect();
+        assert_eq!(unique.len(), ports.len());
     }
 }
