@@ -17,8 +17,9 @@
 //!
 //! *Invariants.* A flush returns only when everything queued before it is in the socket (a
 //! streamed answer is never held back). A client that does not read holds the writer back with
-//! at most two buffers' worth (rustls's 64 KiB and what it left unsent) in memory. Nothing is written after `close_notify`. A TLS error
-//! from the client gets rustls's alert (best effort) and ends the stream with `InvalidData`.
+//! at most two buffers' worth (rustls's 64 KiB and what it left unsent) in memory. Nothing is
+//! written after `close_notify`. A TLS error from the client gets rustls's alert (best effort)
+//! and ends the stream with `InvalidData`.
 //! A client closing its TCP connection without `close_notify` reads as the end of the stream
 //! (the HTTP framing tells a cut answer from a whole one).
 
@@ -191,7 +192,8 @@ impl ServerStream {
                 self.unflushed = true;
                 return Poll::Ready(Ok(n));
             }
-            if !self.tls.wants_write() && self.sent == self.out.len() {
+            // `out` is empty here: the guard above and every completed send leave it so.
+            if !self.tls.wants_write() {
                 return Poll::Ready(Ok(0));
             }
             ready!(self.poll_send(cx, false))?;
@@ -256,10 +258,7 @@ impl AsyncWrite for ServerStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.closing {
-            return this.poll_close(cx);
-        }
-        if this.last.is_marked() {
+        if this.closing || this.last.is_marked() {
             return this.poll_close(cx);
         }
         // hyper flushes before it has written anything too: what rustls queued on its own
@@ -427,15 +426,17 @@ mod tests {
         assert!(heads.iter().all(|head| head.starts_with(b"GET / HTTP/1.1\r\n")));
     }
 
-    /// Serves `connections` connections on `listener`: each answers [`ANSWER`] to `requests`
-    /// requests (flushing each, never marking the last) and then shuts the stream down.
-    fn serve_keep_alive(
-        listener: tokio::net::TcpListener,
+    /// Serves `connections` connections on a new listener (its address is returned): each
+    /// answers [`ANSWER`] to `requests` requests (flushing each, never marking the last) and
+    /// then shuts the stream down.
+    async fn serve_keep_alive(
         server: Arc<ServerConfig>,
         connections: usize,
         requests: usize,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let serving = tokio::spawn(async move {
             for _ in 0..connections {
                 let (tcp, _) = listener.accept().await.expect("accept");
                 let mut stream = accept(server.clone(), tcp, Arc::default()).await.expect("handshake");
@@ -446,27 +447,36 @@ mod tests {
                 }
                 stream.shutdown().await.expect("shutdown");
             }
-        })
+        });
+        (addr, serving)
     }
 
     const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: shop.example.com\r\n\r\n";
 
+    /// Sends [`REQUEST`] and reads [`ANSWER`] back.
+    async fn ask(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) {
+        tls.write_all(REQUEST).await.expect("request");
+        let mut answer = vec![0u8; ANSWER.len()];
+        tls.read_exact(&mut answer).await.expect("an answer");
+        assert_eq!(answer, ANSWER);
+    }
+
+    /// Reads to the end: a `close_notify` and nothing after it.
+    async fn expect_clean_end(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) {
+        let mut rest = Vec::new();
+        tls.read_to_end(&mut rest).await.expect("close_notify, then the end");
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
     #[tokio::test]
     async fn an_unmarked_flush_keeps_the_connection_and_shutdown_ends_it_cleanly() {
         let (server, client, _) = configs();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let serving = serve_keep_alive(listener, server, 1, 3);
+        let (addr, serving) = serve_keep_alive(server, 1, 3).await;
         let mut tls = connect(&client, addr, true).await;
         for _ in 0..3 {
-            tls.write_all(REQUEST).await.expect("request");
-            let mut answer = vec![0u8; ANSWER.len()];
-            tls.read_exact(&mut answer).await.expect("an answer per flush");
-            assert_eq!(answer, ANSWER);
+            ask(&mut tls).await;
         }
-        let mut rest = Vec::new();
-        tls.read_to_end(&mut rest).await.expect("close_notify, then the end");
-        assert!(rest.is_empty());
+        expect_clean_end(&mut tls).await;
         serving.await.expect("server task");
     }
 
@@ -477,20 +487,15 @@ mod tests {
     #[tokio::test]
     async fn a_client_with_nagle_on_is_not_held_back_by_the_deferred_ticket() {
         let (server, client, _) = configs();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
         const CONNECTIONS: usize = 5;
-        let serving = serve_keep_alive(listener, server, CONNECTIONS, 1);
+        let (addr, serving) = serve_keep_alive(server, CONNECTIONS, 1).await;
         let mut waits = Vec::new();
         for _ in 0..CONNECTIONS {
             let mut tls = connect(&client, addr, false).await;
             let started = Instant::now();
-            tls.write_all(REQUEST).await.expect("request");
-            let mut answer = vec![0u8; ANSWER.len()];
-            tls.read_exact(&mut answer).await.expect("an answer");
+            ask(&mut tls).await;
             waits.push(started.elapsed());
-            let mut rest = Vec::new();
-            tls.read_to_end(&mut rest).await.expect("the end");
+            expect_clean_end(&mut tls).await;
         }
         serving.await.expect("server task");
         waits.sort();
@@ -558,22 +563,15 @@ mod tests {
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let serving = serve_keep_alive(listener, server, 2, 2);
+        let (addr, serving) = serve_keep_alive(server, 2, 2).await;
         for expected in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
             let mut tls = connect(&tls12, addr, true).await;
             assert_eq!(tls.get_ref().1.protocol_version(), Some(ProtocolVersion::TLSv1_2));
             assert_eq!(tls.get_ref().1.handshake_kind(), Some(expected));
             for _ in 0..2 {
-                tls.write_all(REQUEST).await.expect("request");
-                let mut answer = vec![0u8; ANSWER.len()];
-                tls.read_exact(&mut answer).await.expect("an answer");
-                assert_eq!(answer, ANSWER);
+                ask(&mut tls).await;
             }
-            let mut rest = Vec::new();
-            tls.read_to_end(&mut rest).await.expect("a clean end");
-            assert!(rest.is_empty());
+            expect_clean_end(&mut tls).await;
         }
         serving.await.expect("server task");
     }

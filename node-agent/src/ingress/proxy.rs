@@ -215,7 +215,7 @@ impl Ingress {
         let ingress = self.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let ingress = ingress.clone();
-            let last = last.clone().filter(|_| last_answer::closes(&request));
+            let last = last.as_ref().filter(|_| last_answer::closes(&request)).cloned();
             async move {
                 let response = ingress.handle(request, peer, scheme).await;
                 Ok::<_, Infallible>(response.map(|body| MarksEnd::new(body, last)))
