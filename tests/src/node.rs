@@ -47,15 +47,12 @@ pub struct NodeSettings {
 fn free_subnet_prefix() -> String {
     static HANDED_OUT: std::sync::Mutex<Vec<[u8; 2]>> = std::sync::Mutex::new(Vec::new());
     let routed = routed_destinations();
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    loop {
+    let [second, third] = process::never_twice(&HANDED_OUT, || {
         let bytes = Uuid::new_v4().into_bytes();
         let pair = [200 + bytes[0] % 50, bytes[1]];
-        if !routed.contains(&[10, pair[0], pair[1], 0]) && !handed_out.contains(&pair) {
-            handed_out.push(pair);
-            return format!("10.{}.{}", pair[0], pair[1]);
-        }
-    }
+        (!routed.contains(&[10, pair[0], pair[1], 0])).then_some(pair)
+    });
+    format!("10.{second}.{third}")
 }
 
 /// The destinations of the host's IPv4 routes, from `/proc/net/route` (each a hexadecimal

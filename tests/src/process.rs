@@ -153,14 +153,24 @@ pub fn temp_dir(label: &str) -> PathBuf {
 /// tests running in parallel in one binary would then be told the same port (one's SSH
 /// gateway answered by the other's HTTP metrics listener).
 pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    loop {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    never_twice(&HANDED_OUT, || {
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 never fails");
-        let port = listener.local_addr().expect("a bound listener has an address").port();
-        if !handed_out.contains(&port) {
-            handed_out.push(port);
-            return port;
+        Some(listener.local_addr().expect("a bound listener has an address").port())
+    })
+}
+
+/// The first value `draw` offers (`None`: that draw is unusable) that is not in `handed_out`,
+/// which then records it: a resource chosen at random (a port, a subnet) is never given to two
+/// tests of one process.
+pub fn never_twice<T: PartialEq + Copy>(handed_out: &Mutex<Vec<T>>, mut draw: impl FnMut() -> Option<T>) -> T {
+    let mut handed_out = handed_out.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        if let Some(value) = draw()
+            && !handed_out.contains(&value)
+        {
+            handed_out.push(value);
+            return value;
         }
     }
 }
