@@ -102,8 +102,13 @@ fn requests_sent(n: usize, clients: usize) -> usize {
     n / clients * clients
 }
 
-/// `n` GETs from concurrent tasks, one per client: requests per second.
-async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> f64 {
+/// A request slower than this waited for a retransmission (a SYN dropped by a full accept queue
+/// is sent again by the kernel after one second), not for CPU.
+const STALLED: Duration = Duration::from_millis(500);
+
+/// `n` GETs from concurrent tasks, one per client: requests per second, and how many took
+/// [`STALLED`] or longer.
+async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> (f64, usize) {
     let started = Instant::now();
     let sent = requests_sent(n, clients.len());
     let per_client = n / clients.len();
@@ -111,18 +116,23 @@ async fn throughput(clients: Vec<reqwest::Client>, url: String, n: usize) -> f64
     for client in clients {
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
+            let mut stalled = 0;
             for _ in 0..per_client {
+                let asked = Instant::now();
                 let response = client.get(&url).send().await.expect("a response");
                 assert_eq!(response.status().as_u16(), 200);
                 let body = response.bytes().await.expect("body");
                 assert_eq!(&body[..], b"hello, bench");
+                stalled += usize::from(asked.elapsed() >= STALLED);
             }
+            stalled
         }));
     }
+    let mut stalled = 0;
     for task in tasks {
-        task.await.expect("a client task");
+        stalled += task.await.expect("a client task");
     }
-    sent as f64 / started.elapsed().as_secs_f64()
+    (sent as f64 / started.elapsed().as_secs_f64(), stalled)
 }
 
 /// One series' figures: requests per second, and CPU microseconds per request of the whole
@@ -132,6 +142,8 @@ struct Measured {
     rate: f64,
     machine_us: f64,
     ingress_us: f64,
+    /// Requests that took [`STALLED`] or longer.
+    stalled: usize,
 }
 
 /// [`throughput`], with the CPU time the machine and the ingress's threads spent meanwhile.
@@ -139,9 +151,10 @@ async fn measure(clients: Vec<reqwest::Client>, url: String, n: usize) -> Measur
     use instapod_tests::cpu::{machine_busy_seconds, own_threads_seconds};
     let (machine, ingress) = (machine_busy_seconds(), own_threads_seconds("ingress"));
     let requests = requests_sent(n, clients.len()) as f64;
-    let rate = throughput(clients, url, n).await;
+    let (rate, stalled) = throughput(clients, url, n).await;
     Measured {
         rate,
+        stalled,
         machine_us: (machine_busy_seconds() - machine) * 1e6 / requests,
         ingress_us: (own_threads_seconds("ingress") - ingress) * 1e6 / requests,
     }
@@ -348,13 +361,13 @@ async fn main() {
 
     // Warm-up: connections, TLS session caches, the allocator.
     let warm = n / 10;
-    throughput(
+    let _ = throughput(
         (0..concurrency).map(|_| plain_client(pod, "x", true)).collect(),
         direct_url.clone(),
         warm,
     )
     .await;
-    throughput(
+    let _ = throughput(
         (0..concurrency)
             .map(|_| plain_client(plain_addr, "web-a.apps.test", true))
             .collect(),
@@ -362,7 +375,7 @@ async fn main() {
         warm,
     )
     .await;
-    throughput(
+    let _ = throughput(
         (0..concurrency).map(|_| tls_client(true)).collect(),
         tls_url.clone(),
         warm,
@@ -393,7 +406,7 @@ async fn main() {
         let via_https = measure((0..concurrency).map(|_| tls_client(true)).collect(), tls_url.clone(), n).await;
         let resumed_clients: Vec<reqwest::Client> = (0..concurrency).map(|_| tls_client(false)).collect();
         // One request per client first, so that every later connection resumes a session.
-        throughput(resumed_clients.clone(), tls_url.clone(), concurrency).await;
+        let _ = throughput(resumed_clients.clone(), tls_url.clone(), concurrency).await;
         let via_https_resumed = measure(resumed_clients, tls_url.clone(), n / 4).await;
         // A new connection per request through the plain ingress: what the resumed series
         // costs without TLS (the bound of anything done to the TLS side).
@@ -411,11 +424,12 @@ async fn main() {
             .zip(&all)
             .map(|(name, m)| {
                 format!(
-                    "{name} {:.0} ({:.2}; {:.0}/{:.0} µs)",
+                    "{name} {:.0} ({:.2}; {:.0}/{:.0} µs; {} stalled)",
                     m.rate,
                     m.rate / direct.rate,
                     m.machine_us,
-                    m.ingress_us
+                    m.ingress_us,
+                    m.stalled
                 )
             })
             .collect();
@@ -432,6 +446,7 @@ async fn main() {
         rate: median(&mut all.iter().map(|m| m.rate).collect()),
         machine_us: median(&mut all.iter().map(|m| m.machine_us).collect()),
         ingress_us: median(&mut all.iter().map(|m| m.ingress_us).collect()),
+        stalled: all.iter().map(|m| m.stalled).sum(),
     });
     // Each round's ratio pairs series measured a minute apart; their median is steadier than
     // the ratio of the medians when the machine drifts between rounds.
@@ -445,7 +460,10 @@ async fn main() {
         concurrency,
         n / 4
     );
-    println!("  series                             requests/s  round ratio  machine CPU µs/req  ingress CPU µs/req");
+    println!(
+        "  series                             requests/s  round ratio  machine CPU µs/req  ingress CPU µs/req  stalled ≥ {} ms (all rounds)",
+        STALLED.as_millis()
+    );
     let labels = [
         "direct",
         "ingress http (keep-alive)",
@@ -455,8 +473,8 @@ async fn main() {
     ];
     for ((label, m), ratio) in labels.iter().zip(&medians).zip(&round_ratios) {
         println!(
-            "  {label:<34} {:>10.0}  {:>11.2}  {:>18.0}  {:>18.0}",
-            m.rate, ratio, m.machine_us, m.ingress_us
+            "  {label:<34} {:>10.0}  {:>11.2}  {:>18.0}  {:>18.0}  {:>8}",
+            m.rate, ratio, m.machine_us, m.ingress_us, m.stalled
         );
     }
     println!(

@@ -3,6 +3,8 @@
 //!
 //! Code map: [`body`] (a pod's answer body, its first frame read ahead when small) ·
 //! [`last_answer`] (the mark that a closing connection's last answer is in hyper's hands) ·
+//! [`connect`] (upstream connects: to this node's pods, a dropped SYN retried after 100 ms,
+//! doubling, rather than after the kernel's one second) ·
 //! [`routes`] (the routing table, host normalisation, the [`RouteSource`] seam,
 //! [`LocalRoutes`] built from the pod manager's records, [`RemoteRoutes`] from the control
 //! plane, [`FleetRoutes`] merging both, and [`FixedRoutes`], a given table for tests) · [`feed`] (the worker that keeps [`RemoteRoutes`]
@@ -50,6 +52,7 @@
 //! that only stops its own request from being forwarded between nodes.
 
 pub mod body;
+pub mod connect;
 pub mod feed;
 pub mod last_answer;
 pub mod pages;

@@ -4,12 +4,13 @@
 //!
 //! *Design.* [`Ingress::serve_connection`] takes any byte stream plus the peer address and the
 //! [`Scheme`] it arrived with, so a TLS acceptor can hand it decrypted streams later; the plain
-//! listener is [`Ingress::serve`]. Upstream connections come from one pooled hyper client
-//! (keep-alive per pod address). Request and response bodies are hyper's streaming bodies
-//! passed through as they are, never collected. Hop-by-hop headers are dropped in both
-//! directions; `X-Forwarded-For` gets the peer appended, `X-Forwarded-Proto` and
-//! `X-Forwarded-Host` are set by this ingress (a client's values are replaced, so an app can
-//! trust them). A client's `Forwarded` header is dropped: the ingress does not maintain it.
+//! listener is [`Ingress::serve`]. Upstream connections come from two pooled hyper clients
+//! (keep-alive per address), one for this node's pods and one for other nodes' ingresses,
+//! which differ in how a connect is retried (`super::connect`). Request and response bodies
+//! are hyper's streaming bodies passed through as they are, never collected. Hop-by-hop
+//! headers are dropped in both directions; `X-Forwarded-For` gets the peer appended,
+//! `X-Forwarded-Proto` and `X-Forwarded-Host` are set by this ingress (a client's values are
+//! replaced, so an app can trust them). A client's `Forwarded` header is dropped: the ingress does not maintain it.
 //! The one exception is a request forwarded by another node's ingress with the fleet's hop
 //! token in [`HOP_HEADER`]: its `X-Forwarded-*` headers were set by that ingress and are kept.
 //!
@@ -27,7 +28,6 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -35,6 +35,7 @@ use tokio::net::TcpListener;
 use instapod_common::domains::ACME_CHALLENGE_PREFIX;
 
 use super::body::UpstreamBody;
+use super::connect::UpstreamConnector;
 use super::last_answer::{self, LastAnswer, MarksEnd};
 use super::pages::{self, Page};
 use super::routes::{RouteSource, Target, normalize_host};
@@ -58,8 +59,6 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// A client that sends nothing within this time after connecting (or between requests on a
 /// kept-alive connection) is dropped, so idle or slow-header clients cannot pile up.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// A pod that does not accept a connection within this time is reported as not answering.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle upstream connections are closed after this time.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -142,7 +141,10 @@ pub trait CustomDomains: Send + Sync + std::fmt::Debug + 'static {
 pub struct Ingress {
     routes: Arc<dyn RouteSource>,
     domains: Option<Arc<dyn CustomDomains>>,
-    client: Client<HttpConnector, Incoming>,
+    /// Upstream connections to this node's pods (connects retried quickly: [`super::connect`]).
+    pods: Client<UpstreamConnector, Incoming>,
+    /// Upstream connections to other nodes' ingresses.
+    nodes: Client<UpstreamConnector, Incoming>,
     /// The port clients reach the TLS ingress on, named in HTTP→HTTPS redirects unless 443.
     https_port: u16,
 }
@@ -163,17 +165,17 @@ struct Forwarding {
 
 impl Ingress {
     pub fn new(routes: Arc<dyn RouteSource>) -> Ingress {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
-            .build(connector);
+        let client = |connector| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
+                .build(connector)
+        };
         Ingress {
             routes,
             domains: None,
-            client,
+            pods: client(UpstreamConnector::to_pods()),
+            nodes: client(UpstreamConnector::to_nodes()),
             https_port: 443,
         }
     }
@@ -315,7 +317,7 @@ impl Ingress {
                 (Outcome::Unavailable, page_response(pages::unavailable(&host, why)))
             }
             Some(Target::Pod { pod_id, addr }) => {
-                let answer = self.forward(request, addr, &forwarding(None)).await;
+                let answer = self.forward(&self.pods, request, addr, &forwarding(None)).await;
                 if let Err(err) = &answer {
                     tracing::info!(pod = %pod_id, %host, upstream = %addr, error = %err, "the pod did not answer");
                 }
@@ -329,7 +331,9 @@ impl Ingress {
                 let marker = hop_token
                     .and_then(|token| HeaderValue::from_str(&token).ok())
                     .unwrap_or_else(|| HeaderValue::from_static("1"));
-                let answer = self.forward(request, addr, &forwarding(Some(marker))).await;
+                let answer = self
+                    .forward(&self.nodes, request, addr, &forwarding(Some(marker)))
+                    .await;
                 match answer {
                     // The node's answer, whatever it is (its pod's, or its own page).
                     Ok((Outcome::Proxied, response)) => (Outcome::Forwarded, response),
@@ -347,6 +351,7 @@ impl Ingress {
     /// switches protocols). An error means the upstream did not answer.
     async fn forward(
         &self,
+        client: &Client<UpstreamConnector, Incoming>,
         mut request: Request<Incoming>,
         upstream: SocketAddr,
         forwarding: &Forwarding,
@@ -364,8 +369,7 @@ impl Ingress {
         *outgoing.version_mut() = Version::HTTP_11;
         *outgoing.headers_mut() = headers;
 
-        let mut response = self
-            .client
+        let mut response = client
             .request(outgoing)
             .await
             .map_err(|err| ForwardError::Upstream(crate::error_chain(&err)))?;
