@@ -378,6 +378,11 @@ pub const NODE_AGENT: &[Metric] = &[
         "When the route feed was last read successfully (Unix time)",
     ),
     counter(
+        "instapod_node_agent_ingress_connect_retries_total",
+        &[],
+        "Connects to pods of this node tried again because the last attempt did not complete in time",
+    ),
+    counter(
         "instapod_node_agent_ingress_tls_handshake_failures_total",
         &["reason"],
         "TLS handshakes at the ingress that failed (handshake) or timed out (timeout)",

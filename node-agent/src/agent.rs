@@ -116,6 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     crate::domains::register_metrics();
+    crate::ingress::connect::register_metrics();
     let remote_routes = Arc::new(crate::ingress::RemoteRoutes::default());
     let served_domains = Arc::new(crate::domains::Served::default());
     let challenges = Arc::new(crate::domains::challenges::ChallengeStore::default());

@@ -39,6 +39,11 @@ pub const FIRST_ATTEMPT: Duration = Duration::from_millis(100);
 
 const RETRIES: &str = "instapod_node_agent_ingress_connect_retries_total";
 
+/// Shows the retry counter from the start (at zero).
+pub fn register_metrics() {
+    metrics::counter!(RETRIES).increment(0);
+}
+
 /// The ingress's connector: hyper-util's, with the retry schedule above for pods of this node.
 #[derive(Debug, Clone)]
 pub struct UpstreamConnector {
@@ -126,12 +131,12 @@ trait MapOk<T, E>: Future<Output = Result<T, E>> + Sized {
 impl<T, E, F: Future<Output = Result<T, E>>> MapOk<T, E> for F {}
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A listener on loopback whose accept queue is full: its next SYN is dropped. Returns the
     /// listener, its address and the connections that fill its queue.
-    async fn full_listener() -> (tokio::net::TcpListener, std::net::SocketAddr, Vec<TcpStream>) {
+    pub(crate) async fn full_listener() -> (tokio::net::TcpListener, std::net::SocketAddr, Vec<TcpStream>) {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.bind(([127, 0, 0, 1], 0).into()).expect("bind");
         // Backlog 0: the kernel queues one connection (it is full when more than the backlog).

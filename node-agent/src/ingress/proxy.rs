@@ -734,6 +734,43 @@ mod tests {
         addr
     }
 
+    #[tokio::test]
+    async fn a_pod_whose_accept_queue_was_full_answers_before_the_kernel_retransmits() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (listener, pod, queued) = crate::ingress::connect::tests::full_listener().await;
+        // The pod's server catches up 250 ms later, and answers the ingress's connection.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            drop(queued);
+            // Bounded: the queued connections, then the ingress's.
+            for _ in 0..16 {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = [0u8; 1024];
+                if matches!(stream.read(&mut head).await, Ok(n) if n > 0) {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                    let _ = stream.write_all(answer).await;
+                }
+            }
+        });
+        let mut table = RoutingTable::default();
+        table.insert(
+            "busy.apps.test",
+            Target::Pod {
+                pod_id: uuid::Uuid::new_v4(),
+                addr: pod,
+            },
+        );
+        let ingress = start_ingress(table).await;
+        let started = Instant::now();
+        let (status, body) = get(ingress, "busy.apps.test", &[]).await;
+        let took = started.elapsed();
+        assert_eq!((status, body.as_str()), (200, "ok"));
+        // The kernel would send the dropped SYN again after 1 s; the ingress tried again sooner.
+        assert!(took < Duration::from_millis(900), "took {took:?}");
+    }
+
     async fn get(ingress: SocketAddr, host: &str, extra: &[(&str, &str)]) -> (u16, String) {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = reqwest::Client::builder().no_proxy().build().expect("client");
