@@ -12,8 +12,9 @@
 //! certificate chosen by SNI among the served custom domains; a self-signed certificate made
 //! with the openssl CLI by `instapod_tests::acme::self_signed`), the host routed to the upstream like a custom domain of its pod.
 //!
-//! The ingress runs on a tokio runtime of its own (two workers, named `ingress`), as it does in
-//! the agent's process; the clients on the main one.
+//! The ingress runs on a tokio runtime of its own (two workers, named `ingress`, as in the
+//! agent's process on this machine; `BENCH_INGRESS_WORKERS` to try others); the clients on the
+//! main one.
 //!
 //! Series, each `BENCH_N` GET requests from `BENCH_CLIENTS` (16) concurrent clients, run in
 //! turn for `BENCH_ROUNDS` rounds; each round's figures are printed, then each series' median
@@ -32,6 +33,10 @@
 //! The two new-connection series send `Connection: close`, as clients that open a connection
 //! per request do (Go's `DisableKeepAlives`, `hey -disable-keepalive`, `ab`): the server then
 //! ends each connection with its answer.
+//!
+//! Each series also counts its requests that took 500 ms or more (`stalled`): what waited for a
+//! retransmission rather than for CPU, such as a SYN that a full accept queue dropped, which
+//! the kernel sends again only after one second.
 //!
 //! Then latency: 2000 sequential requests from one client, direct and through the ingress
 //! (plain HTTP, keep-alive): p50 and p99, and the added p50.
@@ -62,6 +67,15 @@ fn clients() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(16)
+        .max(1)
+}
+
+/// Worker threads of the ingress's runtime: `BENCH_INGRESS_WORKERS`, default 2.
+fn ingress_workers() -> usize {
+    std::env::var("BENCH_INGRESS_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
         .max(1)
 }
 
@@ -310,7 +324,7 @@ async fn main() {
     // agent's default on this machine), so that it does not share worker threads with the
     // clients.
     let ingress_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(ingress_workers())
         .thread_name("ingress")
         .enable_all()
         .build()
