@@ -61,21 +61,14 @@ use instapod_node_agent::domains::{IngressDomains, Served};
 use instapod_node_agent::ingress::{FixedRoutes, Ingress, RoutingTable, Target};
 
 const HOST: &str = "bench.example.test";
-/// Concurrent clients per series: `BENCH_CLIENTS`, default 16.
-fn clients() -> usize {
-    std::env::var("BENCH_CLIENTS")
+/// A count from the environment variable `name` (at least 1), or `default`: `BENCH_N`,
+/// `BENCH_ROUNDS`, `BENCH_CLIENTS` (concurrent clients per series) and `BENCH_INGRESS_WORKERS`
+/// (worker threads of the ingress's runtime).
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(16)
-        .max(1)
-}
-
-/// Worker threads of the ingress's runtime: `BENCH_INGRESS_WORKERS`, default 2.
-fn ingress_workers() -> usize {
-    std::env::var("BENCH_INGRESS_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+        .unwrap_or(default)
         .max(1)
 }
 
@@ -270,16 +263,9 @@ impl Drop for TimeWaitReuse {
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1);
-    let concurrency = clients();
+    let n = env_count("BENCH_N", 20_000);
+    let rounds = env_count("BENCH_ROUNDS", 3);
+    let concurrency = env_count("BENCH_CLIENTS", 16);
     let real_pod = std::env::var("BENCH_UPSTREAM").is_ok_and(|v| v == "pod");
     let _reuse = real_pod.then(TimeWaitReuse::enable);
     let (node, pod, pod_id) = if real_pod {
@@ -324,7 +310,7 @@ async fn main() {
     // agent's default on this machine), so that it does not share worker threads with the
     // clients.
     let ingress_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(ingress_workers())
+        .worker_threads(env_count("BENCH_INGRESS_WORKERS", 2))
         .thread_name("ingress")
         .enable_all()
         .build()
