@@ -32,6 +32,7 @@ pub mod eventually;
 pub mod fleet;
 pub mod ids;
 pub mod images;
+pub mod leftovers;
 pub mod mail;
 pub mod node;
 pub mod postgres;

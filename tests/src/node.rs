@@ -7,7 +7,9 @@
 //! and removed when the node is dropped, with its namespace's leftovers; network traffic only
 //! goes to these bridges and to loopback. A subnet is never one the host already routes (a
 //! bridge left by a killed run keeps its route, and a second bridge on the same subnet would
-//! lose its pods' traffic to the first) nor one this process handed out already.
+//! lose its pods' traffic to the first) nor one this process handed out already. Each bridge is
+//! recorded with its owner process, and the first node of a run removes the bridges (and pod
+//! namespaces) of runs that were killed ([`leftovers`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::images::ImageBuilder;
-use crate::{containerd, ids, process, registry};
+use crate::{containerd, ids, leftovers, process, registry};
 
 /// The node's settings.
 #[derive(Debug, Clone)]
@@ -73,9 +75,11 @@ fn route_destinations(table: &str) -> HashSet<[u8; 4]> {
 
 impl NodeSettings {
     pub fn new(label: &str) -> NodeSettings {
+        // What killed runs left goes first: their bridges' routes would narrow the subnets.
+        leftovers::reap_once();
         let suffix = ids::random_suffix();
         let bytes = Uuid::new_v4().into_bytes();
-        NodeSettings {
+        let settings = NodeSettings {
             state_dir: process::temp_dir(&format!("agent-{label}")),
             namespace: format!("agent-{suffix}"),
             bridge: format!("ipt{}", &hex::encode(&bytes[..3])),
@@ -85,7 +89,9 @@ impl NodeSettings {
             ingress_tls_port: process::free_port(),
             peer_port: process::free_port(),
             ssh_port: process::free_port(),
-        }
+        };
+        leftovers::record(Path::new(leftovers::DIR), &settings.bridge, &settings.subnet());
+        settings
     }
 
     /// The node's pod subnet.
@@ -213,16 +219,22 @@ impl NodeSettings {
         }
     }
 
-    /// Removes the bridge (pods' veths went with their namespaces) and the node's masquerade
-    /// rule.
+    /// Removes the bridge (pods' veths went with their namespaces), the node's masquerade rule
+    /// and the bridge's record ([`leftovers`]).
     pub fn remove_bridge(&self) {
-        let _ = Command::new("ip").args(["link", "delete", &self.bridge]).output();
-        let rule = instapod_node_agent::network::masquerade_rule(&self.bridge, &self.subnet());
-        let _ = Command::new("iptables")
-            .args(["-w", "5", "-t", "nat", "-D"])
-            .args(&rule)
-            .output();
+        remove_bridge(&self.bridge, &self.subnet());
+        leftovers::forget(Path::new(leftovers::DIR), &self.bridge);
     }
+}
+
+/// Removes `bridge` and the masquerade rule of its `subnet`.
+pub(crate) fn remove_bridge(bridge: &str, subnet: &str) {
+    let _ = Command::new("ip").args(["link", "delete", bridge]).output();
+    let rule = instapod_node_agent::network::masquerade_rule(bridge, subnet);
+    let _ = Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-D"])
+        .args(&rule)
+        .output();
 }
 
 /// Removes a node's pods and bridge when dropped (also when a test panics).

@@ -117,18 +117,10 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect(uri).map_ok(|(stream, _)| stream))
+        let connector = self.clone();
+        Box::pin(async move { connector.connect(uri).await.map(|(stream, _)| stream) })
     }
 }
-
-/// `Result::map` for a future, without pulling in `futures`.
-trait MapOk<T, E>: Future<Output = Result<T, E>> + Sized {
-    fn map_ok<U>(self, f: impl FnOnce(T) -> U) -> impl Future<Output = Result<U, E>> {
-        async move { self.await.map(f) }
-    }
-}
-
-impl<T, E, F: Future<Output = Result<T, E>>> MapOk<T, E> for F {}
 
 #[cfg(test)]
 pub(crate) mod tests {
