@@ -98,7 +98,7 @@ pub fn reap(dir: &Path) -> Vec<String> {
             let _ = Command::new("ip").args(["netns", "delete", &netns]).output();
         }
         crate::node::remove_bridge(&bridge, &owner.subnet);
-        let _ = std::fs::remove_file(entry.path());
+        forget(dir, &bridge);
         reaped.push(bridge);
     }
     reaped

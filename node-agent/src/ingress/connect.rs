@@ -48,22 +48,22 @@ pub fn register_metrics() {
 #[derive(Debug, Clone)]
 pub struct UpstreamConnector {
     inner: HttpConnector,
-    /// The first attempt's timeout; `None`: one attempt of [`CONNECT_TIMEOUT`].
-    first_attempt: Option<Duration>,
+    /// The first attempt's timeout ([`CONNECT_TIMEOUT`]: a single attempt).
+    first_attempt: Duration,
 }
 
 impl UpstreamConnector {
     /// For pods of this node: attempts of [`FIRST_ATTEMPT`], doubling.
     pub fn to_pods() -> UpstreamConnector {
-        UpstreamConnector::with_first_attempt(Some(FIRST_ATTEMPT))
+        UpstreamConnector::with_first_attempt(FIRST_ATTEMPT)
     }
 
     /// For other nodes' ingresses: one attempt.
     pub fn to_nodes() -> UpstreamConnector {
-        UpstreamConnector::with_first_attempt(None)
+        UpstreamConnector::with_first_attempt(CONNECT_TIMEOUT)
     }
 
-    fn with_first_attempt(first_attempt: Option<Duration>) -> UpstreamConnector {
+    fn with_first_attempt(first_attempt: Duration) -> UpstreamConnector {
         let mut inner = HttpConnector::new();
         inner.set_nodelay(true);
         // The timeouts are this connector's; hyper-util's would apply to every attempt.
@@ -74,7 +74,7 @@ impl UpstreamConnector {
     /// Connects to `uri`'s address: returns the stream and the number of attempts it took.
     pub async fn connect(mut self, uri: Uri) -> Result<(TokioIo<TcpStream>, u32), ConnectFailed> {
         use tower_service::Service;
-        let mut attempt_timeout = self.first_attempt.unwrap_or(CONNECT_TIMEOUT);
+        let mut attempt_timeout = self.first_attempt;
         let mut left = CONNECT_TIMEOUT;
         let mut attempts = 0;
         loop {

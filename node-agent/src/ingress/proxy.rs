@@ -10,8 +10,8 @@
 //! are hyper's streaming bodies passed through as they are, never collected. Hop-by-hop
 //! headers are dropped in both directions; `X-Forwarded-For` gets the peer appended,
 //! `X-Forwarded-Proto` and `X-Forwarded-Host` are set by this ingress (a client's values are
-//! replaced, so an app can trust them). A client's `Forwarded` header is dropped: the ingress does not maintain it.
-//! The one exception is a request forwarded by another node's ingress with the fleet's hop
+//! replaced, so an app can trust them). A client's `Forwarded` header is dropped: the ingress
+//! does not maintain it. The one exception is a request forwarded by another node's ingress with the fleet's hop
 //! token in [`HOP_HEADER`]: its `X-Forwarded-*` headers were set by that ingress and are kept.
 //!
 //! *Limitations.* HTTP/1.1 only (no h2 or h2c, which an upgrade to `h2c` would need). The
@@ -754,17 +754,9 @@ mod tests {
                 }
             }
         });
-        let mut table = RoutingTable::default();
-        table.insert(
-            "busy.apps.test",
-            Target::Pod {
-                pod_id: uuid::Uuid::new_v4(),
-                addr: pod,
-            },
-        );
-        let ingress = start_ingress(table).await;
+        let ingress = ingress_to(pod).await;
         let started = Instant::now();
-        let (status, body) = get(ingress, "busy.apps.test", &[]).await;
+        let (status, body) = get(ingress, "web-a.apps.test", &[]).await;
         let took = started.elapsed();
         assert_eq!((status, body.as_str()), (200, "ok"));
         // The kernel would send the dropped SYN again after 1 s; the ingress tried again sooner.
